@@ -1,0 +1,13 @@
+"""repgeo: measure the geometry of LLM hidden states, in batch, on clusters.
+
+Open stores with :func:`open_activations` (lazy xarray Dataset of ``hidden[prompt, layer, token, dim]``).
+"""
+
+__version__ = "0.1.0"
+
+
+def open_activations(path):
+    """Open an activation store as a lazy xarray Dataset (hidden as float32); see :mod:`toolkit.store.activations`."""
+    from .store.activations import open_activations as _open
+
+    return _open(path)

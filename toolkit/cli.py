@@ -1,0 +1,118 @@
+"""Command-line entry point: ``repgeo extract | validate | info``. Parsing and exit codes only."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UserError
+
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (and exit code 2) instead of the usage block."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}; see {self.prog} --help", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _int_list(text: str) -> tuple:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError("levels must be 0 or more")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="repgeo", description="Geometry of LLM hidden states: extract, summarize, share.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    ex = sub.add_parser("extract", help="hidden states of every layer for a set of prompts → activation store")
+    ex.add_argument("--model", required=True,
+                    help="local Hugging Face directory, .gguf file, cached hub id, or alias smollm2-135m")
+    ex.add_argument("--prompts", required=True, help="JSONL file (\"text\" + label fields), .txt file, or a "
+                                                     "directory/glob of .txt files")
+    ex.add_argument("--out", required=True, help="the activation store to create (a directory)")
+    ex.add_argument("--max-tokens", type=int, help="truncate prompts to N tokens")
+    ex.add_argument("--min-tokens", type=int, help="drop prompts shorter than N tokens")
+    ex.add_argument("--dtype", choices=DTYPES, default="float16", help="storage dtype (default float16)")
+    ex.add_argument("--compute-dtype", choices=("auto",) + DTYPES, default="auto",
+                    help="dtype of the forward pass (auto: float32 on CPU, bfloat16 on GPU unless --dtype float32)")
+    ex.add_argument("--batch-size", type=int, default=4, help="prompts per forward pass (default 4)")
+    ex.add_argument("--shuffle-levels", type=_int_list, default=(),
+                    help="e.g. 0,1,2: store each prompt with its tokens cut into 4^s blocks in a seeded order")
+    ex.add_argument("--seed", type=int, default=0, help="seed of the block shuffles (default 0)")
+    ex.add_argument("--resume", action="store_true", help="complete an existing store (or start one)")
+    ex.add_argument("--withhold-texts", action="store_true", help="store each prompt's sha256, not its text")
+    ex.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto: the GPU of this rank's node-local index when CUDA is present, else CPU")
+
+    va = sub.add_parser("validate", help="check a store against its schema")
+    va.add_argument("path")
+    va.add_argument("--deep", action="store_true", help="also read every chunk (checksums, NaN padding)")
+
+    info = sub.add_parser("info", help="model, prompts, labels, layers, size and completeness of a store")
+    info.add_argument("path")
+    return parser
+
+
+def _extract(args) -> int:
+    from .extract.run import ExtractSettings, run_extract
+
+    settings = ExtractSettings(
+        model=args.model, prompts=args.prompts, out=args.out, dtype=args.dtype, compute_dtype=args.compute_dtype,
+        max_tokens=args.max_tokens, min_tokens=args.min_tokens, batch_size=args.batch_size,
+        shuffle_levels=args.shuffle_levels, seed=args.seed, resume=args.resume,
+        withhold_texts=args.withhold_texts, device=args.device,
+    )
+    return run_extract(settings)
+
+
+def _validate(args) -> int:
+    from .store.validate import validate_store
+
+    problems = validate_store(args.path, deep=args.deep)
+    for problem in problems:
+        print(f"{args.path}: {problem}")
+    if problems:
+        return 1
+    print(f"{args.path}: valid")
+    return 0
+
+
+def _info(args) -> int:
+    from .store.info import store_info
+
+    print(store_info(args.path))
+    return 0
+
+
+COMMANDS = {"extract": _extract, "validate": _validate, "info": _info}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        if _is_mpi_root():
+            print(f"repgeo {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"repgeo {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _is_mpi_root() -> bool:
+    """Errors that every rank raises alike are printed once, by rank 0."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    return mpi is None or mpi.COMM_WORLD.Get_rank() == 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""``repgeo extract``: prompts → activation store, over MPI ranks."""

@@ -1,0 +1,236 @@
+"""The ``repgeo extract`` job: validate everything, create or reopen the store, compute and write on every rank."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import __version__
+from ..errors import UserError
+from ..models import (load_model, load_tokenizer, model_description, resolve_model, tokenizer_fingerprint,
+                      weights_sha256)
+from ..prompts import read_prompts
+from ..store.activations import PromptWriter, create_activation_store, label_arrays, open_activation_group
+from .plan import batches_of_rank, make_batches, make_plan
+from .progress import Progress
+from .ranks import cpu_threads, mpi_ranks, select_device
+from .writer import BackgroundWriter
+
+#: Bytes on disk per stored value, before compression (an upper bound: real activations compress ~1.1×).
+BYTES_PER_VALUE = {"float16": 2, "bfloat16": 2, "float32": 4}
+#: Signals that ask a job to stop: Slurm's warning signal (--signal=USR1@...), preemption and scancel (TERM).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+@dataclass
+class ExtractSettings:
+    model: str
+    prompts: str
+    out: str
+    dtype: str = "float16"
+    compute_dtype: str = "auto"
+    max_tokens: int | None = None
+    min_tokens: int | None = None
+    batch_size: int = 4
+    shuffle_levels: tuple = ()
+    seed: int = 0
+    resume: bool = False
+    withhold_texts: bool = False
+    device: str = "auto"
+    add_special_tokens: bool = True
+
+    def recorded(self) -> dict:
+        """The settings that decide the store's content; a resume must use the same ones."""
+        return {"max_tokens": self.max_tokens, "min_tokens": self.min_tokens, "batch_size": self.batch_size,
+                "shuffle_levels": list(self.shuffle_levels), "seed": self.seed,
+                "compute_dtype": self.compute_dtype, "add_special_tokens": self.add_special_tokens,
+                "withhold_texts": self.withhold_texts}
+
+
+def on_root(ranks, fn):
+    """Run ``fn`` on rank 0 only and give every rank its result; a :class:`UserError` there is raised everywhere."""
+    result, error = None, None
+    if ranks.is_root:
+        try:
+            result = fn()
+        except UserError as e:
+            error = str(e)
+    result, error = ranks.comm.bcast((result, error), root=0)
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
+def _identity(attrs: dict) -> dict:
+    """What must match for ``--resume``: model weights, tokenizer, dtype, settings, prompt file."""
+    model = attrs["model"]
+    return {"model": model.get("weights_sha256") or model.get("id"),
+            "tokenizer": attrs["tokenizer_fingerprint"], "dtype": attrs["dtype"],
+            "settings": attrs["settings"], "prompt file": attrs["prompts"]["sha256"]}
+
+
+def _check_resumable(out: str, attrs: dict):
+    group = open_activation_group(out)
+    old, new = _identity(dict(group.attrs)), _identity(attrs)
+    differ = [k for k in new if old[k] != new[k]]
+    if differ:
+        raise UserError(f"{out} was extracted with a different {' and '.join(differ)}; --resume needs the same "
+                        f"model, settings and prompt file, or choose a new --out")
+
+
+def _resolve_compute_dtype(setting: str, device: str, dtype: str):
+    import torch
+
+    if setting == "auto":
+        setting = "float32" if device == "cpu" or dtype == "float32" else "bfloat16"
+    return getattr(torch, setting)
+
+
+def _disk_check(out: str, n_values: int, dtype: str):
+    need = n_values * BYTES_PER_VALUE[dtype]
+    parent = os.path.dirname(os.path.abspath(out)) or "."
+    free = shutil.disk_usage(parent).free
+    print(f"extract: expected size on disk up to {need / 2**30:.2f} GiB ({n_values} values at {dtype}); "
+          f"{free / 2**30:.1f} GiB free in {parent}", file=sys.stderr, flush=True)
+    if need > free:
+        raise UserError(f"{parent} has {free / 2**30:.2f} GiB free but the store needs up to {need / 2**30:.2f} GiB; "
+                        f"free space or choose another --out")
+
+
+class _StopFlag:
+    """Set by a stop signal; the loop finishes the batch it is on and returns."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._set)
+
+    def _set(self, signum, _frame):
+        self.signal = signal.Signals(signum).name
+
+
+def run_extract(s: ExtractSettings) -> int:
+    ranks = mpi_ranks()
+    try:
+        return _run(s, ranks)
+    except UserError:
+        raise
+    except BaseException:
+        if ranks.size > 1:  # one failed rank must not leave the others waiting forever
+            import traceback
+
+            traceback.print_exc()
+            ranks.comm.Abort(1)
+        raise
+
+
+def _run(s: ExtractSettings, ranks) -> int:
+    root = ranks.is_root
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if root else (lambda msg: None)
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+    # Validate everything on every rank (cheap and deterministic) before anything is written.
+    if s.max_tokens is not None and s.max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1 (got {s.max_tokens}); omit it to keep whole prompts")
+    if s.min_tokens and s.max_tokens and s.min_tokens > s.max_tokens:
+        raise UserError(f"--min-tokens {s.min_tokens} exceeds --max-tokens {s.max_tokens}; no prompt could be kept")
+    if s.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1 (got {s.batch_size})")
+    exists = os.path.exists(s.out)
+    if exists and not s.resume:
+        raise UserError(f"{s.out} already exists; pass --resume to complete it, or choose a new --out")
+    source = read_prompts(s.prompts)
+    ref = resolve_model(s.model)
+    tokenizer = load_tokenizer(ref)
+    plan = make_plan(source, tokenizer, min_tokens=s.min_tokens, max_tokens=s.max_tokens,
+                     shuffle_levels=s.shuffle_levels, seed=s.seed, add_special_tokens=s.add_special_tokens)
+    label_arrays(plan.prompts)  # refuses reserved label names now, not after the model has loaded
+    device = select_device(ranks.local_rank, s.device)
+    sha = on_root(ranks, lambda: weights_sha256(ref))
+
+    import torch
+
+    from .forward import forward_batch  # torch is imported only once the input is known to be good
+
+    torch.set_num_threads(cpu_threads(ranks.local_size))
+    model = load_model(ref, _resolve_compute_dtype(s.compute_dtype, device, s.dtype)).to(device)
+    attrs = {
+        "toolkit_version": __version__,
+        "model": dict(model_description(ref, model), weights_sha256=sha),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "dtype": s.dtype,
+        "settings": s.recorded(),
+        "prompts": {"path": os.path.abspath(s.prompts), "sha256": source.sha256, "n_input": plan.n_input,
+                    "n_dropped_short": plan.n_dropped_short, "n_truncated": plan.n_truncated,
+                    "n_stored": len(plan.prompts)},
+        "created": started,
+        "ranks": ranks.size,
+    }
+    n_layers, d_model = attrs["model"]["n_layers"] + 1, attrs["model"]["d_model"]
+    if exists:
+        on_root(ranks, lambda: _check_resumable(s.out, attrs))
+
+    n_tokens = plan.n_tokens
+    log(f"extract: {len(plan.prompts)} prompts from {plan.n_input} inputs ({plan.n_dropped_short} shorter than "
+        f"--min-tokens dropped, {plan.n_truncated} truncated), {n_layers} layers x {d_model} dims, "
+        f"{s.dtype}, {ranks.size} rank(s), device {device}")
+
+    def prepare():
+        done = open_activation_group(s.out)["done"][:] if exists else np.zeros(len(plan.prompts), bool)
+        _disk_check(s.out, int(n_tokens[~done].sum()) * n_layers * d_model, s.dtype)
+        if not exists:
+            create_activation_store(s.out, plan, n_layers=n_layers, d_model=d_model, dtype=s.dtype, attrs=attrs,
+                                    withhold_texts=s.withhold_texts)
+        group = open_activation_group(s.out, "r+")
+        runs = list(group.attrs.get("runs", []))
+        runs.append({"started": started, "ranks": ranks.size, "device": device, "resumed": exists,
+                     "host": socket.gethostname()})
+        group.attrs.update({"runs": runs, "ranks": ranks.size})
+        return done
+
+    done = on_root(ranks, prepare)
+    group = open_activation_group(s.out, "r+")
+    writer = PromptWriter(group)
+
+    # A batch with any prompt left is recomputed whole, so every prompt sees the same batch as in one run.
+    batches = [b for b in make_batches(n_tokens, s.batch_size) if not done[b].all()]
+    mine = batches_of_rank(batches, ranks.rank, ranks.size)
+    todo = [p for b in batches for p in b if not done[p]]
+    progress = Progress(ranks, len(plan.prompts), int(n_tokens[todo].sum()), already_done=int(done.sum()))
+    stop = _StopFlag()
+    background = BackgroundWriter(writer.write, s.out)
+    t0 = time.monotonic()
+    try:
+        for batch in mine:
+            if stop.signal:
+                break
+            results = forward_batch(model, [plan.prompts[p].input_ids for p in batch], batch, device, s.dtype)
+            for p, (hidden, token_loss) in zip(batch, results):
+                if not done[p]:
+                    background.put(p, hidden, token_loss)
+            left = [p for p in batch if not done[p]]
+            progress.add(len(left), int(n_tokens[left].sum()))
+        background.close()
+    except UserError as e:
+        if ranks.size > 1:  # only this rank knows: say it here and stop the others
+            print(f"repgeo extract: error (rank {ranks.rank}): {e}", file=sys.stderr, flush=True)
+            ranks.comm.Abort(2)
+        raise
+    progress.finish()
+    stopped = ranks.comm.allreduce(stop.signal or "", op=lambda a, b, _=None: a or b)
+    if stopped:
+        log(f"extract: stopped by {stopped}; rerun with --resume to finish {s.out}")
+        return 128 + int(getattr(signal, stopped))
+    if root:
+        complete = bool(open_activation_group(s.out)["done"][:].all())
+        log(f"extract: {'complete' if complete else 'INCOMPLETE'}: {s.out} ({time.monotonic() - t0:.1f} s)")
+    return 0
+

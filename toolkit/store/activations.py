@@ -1,0 +1,162 @@
+"""The activation store: ``hidden[prompt, layer, token, dim]`` and what belongs to it, as a Zarr v3 group.
+
+Layout (specified in ``schemas/activation-store.schema.json``):
+
+- ``hidden`` (prompt, layer, token, dim): layer 0 is the embedding output, layer i the output of block i, as in
+  transformers' ``hidden_states``. One chunk per (prompt, layer) slab, one shard per prompt, so ranks that own
+  disjoint prompts never share a shard. Blosc-zstd with bit shuffle, then a crc32c checksum per chunk.
+  Positions at or past ``n_tokens`` hold NaN. bfloat16 is kept exactly as float32 values whose low 16 bits
+  are zero (the shuffle lets the compressor drop them), so every reader gets float32 without conversion.
+- ``input_ids`` (prompt, token) int32 (-1 past ``n_tokens``), ``n_tokens`` (prompt) int32.
+- ``token_loss`` (prompt, token) float32: −log p(token t | tokens < t) in nats; NaN at t = 0 and past n_tokens.
+- ``loss`` (prompt) float32: mean of ``token_loss`` over the prompt.
+- ``done`` (prompt) bool: set only after the prompt's other data is completely written.
+- ``prompt``, ``layer``: index coordinates; ``text`` (or ``text_sha256``) and one array per label on ``prompt``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from ..errors import UserError
+from .zarr_io import label_array, open_repgeo_group, quiet_zarr, write_1d
+
+KIND = "activations"
+SCHEMA_VERSION = "1.0"
+STORED_DTYPES = {"float16": "float16", "bfloat16": "float32", "float32": "float32"}
+#: Names that labels may not take because the layout uses them.
+RESERVED = {"hidden", "input_ids", "n_tokens", "token_loss", "loss", "done", "text", "text_sha256", "prompt",
+            "layer", "token", "dim"}
+#: The per-chunk checksum; used by every array that ranks write, so corruption is caught on read.
+CHECKSUM = Crc32cCodec()
+
+
+def _compressors(dtype: str):
+    itemsize = np.dtype(STORED_DTYPES[dtype]).itemsize
+    return [BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", typesize=itemsize), CHECKSUM]
+
+
+def label_arrays(plan_prompts: list) -> dict:
+    """Label name → 1-D array over the planned prompts, in first-seen order of names."""
+    names = []
+    for p in plan_prompts:
+        names.extend(k for k in p.labels if k not in names)
+    clash = sorted(set(names) & RESERVED)
+    if clash:
+        raise UserError(f"label {clash[0]!r} collides with an array of the activation store; rename that field in "
+                        f"the prompt file (reserved: {', '.join(sorted(RESERVED))})")
+    return {name: label_array([p.labels.get(name) for p in plan_prompts]) for name in names}
+
+
+def create_activation_store(path: str, plan, *, n_layers: int, d_model: int, dtype: str, attrs: dict,
+                            withhold_texts: bool) -> zarr.Group:
+    """Create the store with its plan (ids, lengths, labels, texts) written and no prompt done.
+
+    It is built at ``path + ".partial"`` and renamed into place only when complete, so a store at ``path`` always
+    has its full metadata, whatever moment a run is killed at.
+    """
+    quiet_zarr()
+    partial = path.rstrip("/") + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    n_prompts = len(plan.prompts)
+    n_tokens = plan.n_tokens
+    width = int(n_tokens.max())
+    labels = label_arrays(plan.prompts)
+    coords = " ".join(["n_tokens", *(["text_sha256"] if withhold_texts else ["text"]), *labels])
+
+    group = zarr.open_group(partial, mode="w", zarr_format=3)
+    group.attrs.update(dict(attrs, repgeo={"kind": KIND, "schema_version": SCHEMA_VERSION}))
+    group.create_array(
+        "hidden", shape=(n_prompts, n_layers, width, d_model), dtype=STORED_DTYPES[dtype],
+        chunks=(1, 1, width, d_model), shards=(1, n_layers, width, d_model), compressors=_compressors(dtype),
+        fill_value=np.nan, dimension_names=["prompt", "layer", "token", "dim"],
+        attributes={"coordinates": coords, "stored_dtype": dtype, "long_name": "hidden states",
+                    "description": "layer 0 = embedding output, layer i = output of block i (transformers "
+                                   "hidden_states); NaN past n_tokens"},
+    )
+    ids = np.full((n_prompts, width), -1, dtype=np.int32)
+    for i, p in enumerate(plan.prompts):
+        ids[i, : len(p.input_ids)] = p.input_ids
+    group.create_array("input_ids", shape=ids.shape, chunks=(min(n_prompts, 256), width), dtype="int32",
+                       fill_value=-1, dimension_names=["prompt", "token"], compressors=_compressors("float32"),
+                       attributes={"description": "token ids; -1 past n_tokens"})[...] = ids
+    group.create_array("token_loss", shape=(n_prompts, width), chunks=(1, width), dtype="float32",
+                       fill_value=np.nan, dimension_names=["prompt", "token"], compressors=[CHECKSUM],
+                       attributes={"units": "nats", "coordinates": coords,
+                                   "description": "-log p(token t | tokens < t); NaN at t=0 and past n_tokens"})
+    # One chunk per prompt: each is written by the rank that owns the prompt, never by two.
+    group.create_array("loss", shape=(n_prompts,), chunks=(1,), dtype="float32", fill_value=np.nan,
+                       dimension_names=["prompt"], compressors=[CHECKSUM],
+                       attributes={"units": "nats", "description": "mean token_loss of the prompt"})
+    group.create_array("done", shape=(n_prompts,), chunks=(1,), dtype="bool", fill_value=False,
+                       dimension_names=["prompt"], compressors=[CHECKSUM],
+                       attributes={"description": "true once the prompt's data is completely written"})
+    write_1d(group, "n_tokens", n_tokens, "prompt")
+    write_1d(group, "prompt", np.arange(n_prompts, dtype=np.int64), "prompt")
+    write_1d(group, "layer", np.arange(n_layers, dtype=np.int64), "layer",
+             {"description": "0 = embeddings, i = output of block i"})
+    if withhold_texts:
+        import hashlib
+
+        digests = np.array([hashlib.sha256(p.text.encode()).hexdigest() for p in plan.prompts], dtype=object)
+        write_1d(group, "text_sha256", digests, "prompt")
+    else:
+        write_1d(group, "text", np.array([p.text for p in plan.prompts], dtype=object), "prompt")
+    for name, values in labels.items():
+        write_1d(group, name, values, "prompt")
+    os.replace(partial, path)
+    return zarr.open_group(path, mode="r+", zarr_format=3)
+
+
+def open_activation_group(path: str, mode: str = "r") -> zarr.Group:
+    """The store's Zarr group, after checking that it is a repgeo activation store of a known schema version."""
+    group = open_repgeo_group(path, KIND, mode)
+    version = group.attrs["repgeo"].get("schema_version")
+    if str(version).split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        raise UserError(f"{path} has activation-store schema {version}, this toolkit reads {SCHEMA_VERSION}; "
+                        f"use a matching repgeo version")
+    return group
+
+
+def open_activations(path: str):
+    """Open an activation store as a lazy xarray Dataset with dims (prompt, layer, token, dim), hidden as float32.
+
+    Labels, texts and ``n_tokens`` are coordinates on ``prompt``. Nothing is loaded until used.
+    """
+    import xarray as xr
+
+    open_activation_group(path)
+    quiet_zarr()
+    ds = xr.open_zarr(path, consolidated=False)
+    if ds.hidden.dtype != np.float32:
+        ds["hidden"] = ds.hidden.astype(np.float32)
+    return ds
+
+
+class PromptWriter:
+    """Writes one prompt's data into an open store; ``done`` is set last, only after everything else is written."""
+
+    def __init__(self, group: zarr.Group):
+        self.hidden = group["hidden"]
+        self.token_loss = group["token_loss"]
+        self.loss = group["loss"]
+        self.done = group["done"]
+        _, n_layers, self.width, d_model = self.hidden.shape
+        self._slab = np.full((n_layers, self.width, d_model), np.nan, dtype=self.hidden.dtype)
+
+    def write(self, prompt: int, hidden: np.ndarray, token_loss: np.ndarray):
+        """``hidden``: (layer, token, dim) of the prompt's n_tokens positions; ``token_loss``: (token,) nats."""
+        n = hidden.shape[1]
+        self._slab[:, :n] = hidden
+        self._slab[:, n:] = np.nan
+        self.hidden[prompt] = self._slab  # the whole shard in one write
+        row = np.full(self.width, np.nan, dtype=np.float32)
+        row[:n] = token_loss
+        self.token_loss[prompt] = row
+        self.loss[prompt] = np.float32(np.nanmean(token_loss)) if n > 1 else np.float32(np.nan)
+        self.done[prompt] = True
