@@ -1,0 +1,72 @@
+"""``repgeo info``: a short human-readable account of a store."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import zarr
+
+from ..errors import UserError
+from .zarr_io import quiet_zarr
+
+#: Arrays of the activation layout that are not labels.
+LAYOUT = {"hidden", "input_ids", "n_tokens", "token_loss", "loss", "done", "prompt", "layer", "text", "text_sha256"}
+
+
+def disk_usage(path: str) -> int:
+    """Bytes of all files below ``path``."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def _label_summary(values: np.ndarray, most: int = 6) -> str:
+    if values.dtype.kind in "fiu" and len(np.unique(values)) > most:
+        return f"{values.dtype} in [{np.nanmin(values):g}, {np.nanmax(values):g}]"
+    uniq, counts = np.unique(values.astype(str), return_counts=True)
+    shown = ", ".join(f"{u}×{c}" for u, c in list(zip(uniq, counts))[:most])
+    return f"{len(uniq)} values: {shown}{', …' if len(uniq) > most else ''}"
+
+
+def store_info(path: str) -> str:
+    quiet_zarr()
+    if not os.path.isfile(os.path.join(path, "zarr.json")):
+        raise UserError(f"{path} is not a Zarr v3 store (no zarr.json); give the path of a repgeo store")
+    group = zarr.open_group(path, mode="r", zarr_format=3)
+    kind = dict(group.attrs).get("repgeo", {}).get("kind")
+    if kind == "activations":
+        return _activations_info(path, group)
+    if kind == "results":
+        from ..summarize.info import results_info
+
+        return results_info(path, group)
+    raise UserError(f"{path} is a Zarr store but not a repgeo store (no repgeo.kind attribute)")
+
+
+def _activations_info(path: str, group) -> str:
+    a = dict(group.attrs)
+    model, prompts, settings = a["model"], a["prompts"], a["settings"]
+    n_prompts, n_layers, width, d_model = group["hidden"].shape
+    n_tokens, done = group["n_tokens"][:], group["done"][:]
+    size = disk_usage(path)
+    values = int(n_tokens.sum()) * n_layers * d_model
+    lines = [
+        f"activation store {path}",
+        f"  model      {model['id']} ({model['architecture']}, {model['n_layers']} blocks, d_model {d_model}, "
+        f"weights sha256 {str(model.get('weights_sha256'))[:12]})",
+        f"  prompts    {n_prompts} stored of {prompts['n_input']} inputs ({prompts['n_dropped_short']} dropped "
+        f"as shorter than --min-tokens, {prompts['n_truncated']} truncated) from {prompts['path']}",
+        f"  tokens     {int(n_tokens.sum())} in all, {int(n_tokens.min())}–{int(n_tokens.max())} per prompt",
+        f"  layers     {n_layers} (0 = embeddings … {n_layers - 1}), dim {d_model}, dtype {a['dtype']}",
+        f"  settings   " + ", ".join(f"{k}={v}" for k, v in settings.items()),
+    ]
+    labels = [name for name, _ in group.arrays() if name not in LAYOUT]
+    for name in labels:
+        lines.append(f"  label      {name}: {_label_summary(group[name][:])}")
+    lines += [
+        f"  size       {size / 2**20:.1f} MiB on disk, {size / max(values, 1):.2f} bytes per stored value",
+        f"  complete   {int(done.sum())}/{n_prompts} prompts done" + ("" if done.all() else
+                                                                      " (rerun extract with --resume to finish)"),
+        f"  created    {a['created']} by repgeo {a['toolkit_version']}, {len(a.get('runs', []))} run(s), "
+        f"latest on {a['ranks']} rank(s)",
+    ]
+    return "\n".join(lines)
