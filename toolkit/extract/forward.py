@@ -57,9 +57,9 @@ def forward_batch(model, batch_ids: list, prompts: list, device: str, dtype: str
     computed = torch.stack(out.hidden_states, dim=1)  # (prompt, layer, token, dim)
     stored = to_storage(computed, dtype)
     _check_finite(stored, computed, lengths, prompts, dtype)
-    losses = torch.nn.functional.cross_entropy(
-        out.logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none"
-    )  # (prompt, token-1): loss of predicting token t+1
+    logits = out.logits[:, :-1].float()
+    # (prompt, token-1): −log p(token t+1 | ≤ t) = logsumexp(logits) − logit of the true token
+    losses = torch.logsumexp(logits, dim=-1) - logits.gather(-1, ids[:, 1:, None])[..., 0]
     stored, losses = stored.cpu().numpy(), losses.cpu().numpy()
     results = []
     for i, n in enumerate(lengths):

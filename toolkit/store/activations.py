@@ -4,7 +4,7 @@ Layout (specified in ``schemas/activation-store.schema.json``):
 
 - ``hidden`` (prompt, layer, token, dim): layer 0 is the embedding output, layer i the output of block i, as in
   transformers' ``hidden_states``. One chunk per (prompt, layer) slab, one shard per prompt, so ranks that own
-  disjoint prompts never share a shard. Blosc-zstd with bit shuffle, then a crc32c checksum per chunk.
+  disjoint prompts never share a shard. Blosc-zstd with byte shuffle, then a crc32c checksum per chunk.
   Positions at or past ``n_tokens`` hold NaN. bfloat16 is kept exactly as float32 values whose low 16 bits
   are zero (the shuffle lets the compressor drop them), so every reader gets float32 without conversion.
 - ``input_ids`` (prompt, token) int32 (-1 past ``n_tokens``), ``n_tokens`` (prompt) int32.
@@ -38,7 +38,7 @@ CHECKSUM = Crc32cCodec()
 
 def _compressors(dtype: str):
     itemsize = np.dtype(STORED_DTYPES[dtype]).itemsize
-    return [BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", typesize=itemsize), CHECKSUM]
+    return [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=itemsize), CHECKSUM]
 
 
 def label_arrays(plan_prompts: list) -> dict:
