@@ -1,4 +1,4 @@
-"""Command-line entry point: ``repgeo extract | validate | info``. Parsing and exit codes only."""
+"""Command-line entry point: ``repgeo extract | summarize | validate | info``. Parsing and exit codes only."""
 
 from __future__ import annotations
 
@@ -52,6 +52,24 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="auto: the GPU of this rank's node-local index when CUDA is present, else CPU")
 
+    su = sub.add_parser("summarize", help="observables of every (prompt, layer) cloud and of label groups → results store")
+    su.add_argument("--store", required=True, help="the activation store (from repgeo extract)")
+    su.add_argument("--out", required=True, help="the results store to create (a directory)")
+    su.add_argument("--observables", help="comma-separated subset of: gride, twonn, overlap, cosine, anisotropy, "
+                                          "reciprocity, norm, group_gride, group_anisotropy, group_kl (default: all "
+                                          "per-prompt ones, plus the group ones with --groupby)")
+    su.add_argument("--scheduler", default="local",
+                    help="local (a Dask cluster on this node), mpi (Dask on the ranks of mpiexec/srun), or the "
+                         "address of a running scheduler")
+    su.add_argument("--workers", type=int, help="workers of the local cluster (default: one per core)")
+    su.add_argument("--groupby", help="a prompt label: pooled observables per group of prompts")
+    su.add_argument("--reference", help="the group value that group_kl compares every group with")
+    su.add_argument("--group-size", type=int, default=2000, help="tokens pooled per group (default 2000)")
+    su.add_argument("--overlap-k", type=int, default=32, help="neighbourhood overlap for k = 1..K (default 32)")
+    su.add_argument("--save-knn", action="store_true", help="keep every cloud's K nearest neighbours")
+    su.add_argument("--seed", type=int, default=0, help="seed of the group subsampling (default 0)")
+    su.add_argument("--resume", action="store_true", help="complete an existing results store")
+
     va = sub.add_parser("validate", help="check a store against its schema")
     va.add_argument("path")
     va.add_argument("--deep", action="store_true", help="also read every chunk (checksums, NaN padding)")
@@ -73,6 +91,12 @@ def _extract(args) -> int:
     return run_extract(settings)
 
 
+def _summarize(args) -> int:
+    from .summarize.main import run_summarize
+
+    return run_summarize(args)
+
+
 def _validate(args) -> int:
     from .store.validate import validate_store
 
@@ -92,7 +116,7 @@ def _info(args) -> int:
     return 0
 
 
-COMMANDS = {"extract": _extract, "validate": _validate, "info": _info}
+COMMANDS = {"extract": _extract, "summarize": _summarize, "validate": _validate, "info": _info}
 
 
 def main(argv=None) -> int:

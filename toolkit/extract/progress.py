@@ -24,6 +24,7 @@ class Progress:
         self.own = [0, 0]  # this rank's prompts and tokens
         self.every, self.stream = every, stream
         self.start = self.last = time.monotonic()
+        self._printed = None  # the done count of the last line: each count is printed once
         self._sends = []
 
     def add(self, prompts: int, tokens: int):
@@ -60,8 +61,9 @@ class Progress:
             return
         self._collect()
         now = time.monotonic()
-        if force or now - self.last >= self.every:
-            self.last = now
+        done = self.already_done + self.prompts
+        if done != self._printed and (force or now - self.last >= self.every):
+            self.last, self._printed = now, done
             print(self.line(), file=self.stream, flush=True)
 
     def finish(self):

@@ -19,6 +19,7 @@ from ..models import (load_model, load_tokenizer, model_description, resolve_mod
                       weights_sha256)
 from ..prompts import read_prompts
 from ..store.activations import PromptWriter, create_activation_store, label_arrays, open_activation_group
+from ..store.zarr_io import consolidate
 from .plan import batches_of_rank, make_batches, make_plan
 from .progress import Progress
 from .ranks import cpu_threads, mpi_ranks, select_device
@@ -230,6 +231,7 @@ def _run(s: ExtractSettings, ranks) -> int:
         log(f"extract: stopped by {stopped}; rerun with --resume to finish {s.out}")
         return 128 + int(getattr(signal, stopped))
     if root:
+        consolidate(s.out)  # the runs attribute changed
         complete = bool(open_activation_group(s.out)["done"][:].all())
         log(f"extract: {'complete' if complete else 'INCOMPLETE'}: {s.out} ({time.monotonic() - t0:.1f} s)")
     return 0

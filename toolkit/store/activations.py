@@ -24,7 +24,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from ..errors import UserError
-from .zarr_io import label_array, open_repgeo_group, quiet_zarr, write_1d
+from .zarr_io import consolidate, eager_labels, label_array, open_repgeo_group, quiet_zarr, write_1d
 
 KIND = "activations"
 SCHEMA_VERSION = "1.0"
@@ -109,6 +109,7 @@ def create_activation_store(path: str, plan, *, n_layers: int, d_model: int, dty
         write_1d(group, "text", np.array([p.text for p in plan.prompts], dtype=object), "prompt")
     for name, values in labels.items():
         write_1d(group, name, values, "prompt")
+    consolidate(partial)
     os.replace(partial, path)
     return zarr.open_group(path, mode="r+", zarr_format=3)
 
@@ -132,7 +133,7 @@ def open_activations(path: str):
 
     open_activation_group(path)
     quiet_zarr()
-    ds = xr.open_zarr(path, consolidated=False)
+    ds = eager_labels(xr.open_zarr(path))
     if ds.hidden.dtype != np.float32:
         ds["hidden"] = ds.hidden.astype(np.float32)
     return ds

@@ -36,9 +36,7 @@ def store_info(path: str) -> str:
     if kind == "activations":
         return _activations_info(path, group)
     if kind == "results":
-        from ..summarize.info import results_info
-
-        return results_info(path, group)
+        return _results_info(path, group)
     raise UserError(f"{path} is a Zarr store but not a repgeo store (no repgeo.kind attribute)")
 
 
@@ -68,5 +66,26 @@ def _activations_info(path: str, group) -> str:
                                                                       " (rerun extract with --resume to finish)"),
         f"  created    {a['created']} by repgeo {a['toolkit_version']}, {len(a.get('runs', []))} run(s), "
         f"latest on {a['ranks']} rank(s)",
+    ]
+    return "\n".join(lines)
+
+
+def _results_info(path: str, group) -> str:
+    a = dict(group.attrs)
+    done = group["done"][:]
+    source, params = a["source"], a["parameters"]
+    from .results import VARIABLES
+
+    variables = [name for name in VARIABLES if name in group]
+    lines = [
+        f"results store {path}",
+        f"  source     {source['path']} ({source['model']}, {source['n_prompts']} prompts)",
+        f"  variables  {', '.join(variables)}",
+        f"  parameters " + ", ".join(f"{k}={v}" for k, v in params.items()),
+        f"  size       {disk_usage(path) / 2**20:.1f} MiB on disk",
+        f"  complete   {int(done.sum())}/{len(done)} prompts done"
+        + ("" if done.all() else " (rerun summarize with --resume to finish)")
+        + (f", groups {'done' if a.get('groups_done') else 'not done'}" if params.get("groupby") else ""),
+        f"  created    {a['created']} by repgeo {a['toolkit_version']}",
     ]
     return "\n".join(lines)

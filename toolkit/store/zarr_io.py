@@ -15,12 +15,27 @@ def quiet_zarr():
     """Silence zarr's notice that variable-length strings are not yet in the v3 spec (xarray reads them fine)."""
     warnings.filterwarnings("ignore", message=".*not part of the Zarr format 3.*")
     warnings.filterwarnings("ignore", category=UserWarning, module="zarr")
+    warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
     try:
         from zarr.errors import UnstableSpecificationWarning
 
         warnings.filterwarnings("ignore", category=UnstableSpecificationWarning)
     except ImportError:  # older zarr: nothing to silence
         pass
+
+
+def consolidate(path: str):
+    """Write consolidated metadata, so that plain ``xr.open_zarr(path)`` opens the store quickly and quietly.
+
+    Call it after every change of metadata (creation, attributes); it only summarises what is on disk.
+    """
+    quiet_zarr()
+    zarr.consolidate_metadata(path, zarr_format=3)
+
+
+def eager_labels(ds):
+    """The Dataset with its non-index coordinates (prompt labels: small) in memory, so groupby works on them."""
+    return ds.assign_coords({name: ds[name].compute() for name in ds.coords if name not in ds.indexes})
 
 
 def open_repgeo_group(path: str, kind: str, mode: str = "r") -> zarr.Group:

@@ -1,0 +1,121 @@
+"""The results store: observables of an activation store as an xarray-readable Zarr v3 group.
+
+Per-prompt variables have ``prompt`` first, in chunks of 256 prompts: one writer (the Dask client) writes
+prompt after prompt, and ``done`` is set after a prompt's variables, so a run can resume per prompt. Group variables, written once all prompts are done, have dims (group, layer, …). Every label of
+the activation store is a coordinate on ``prompt``. Specified in ``schemas/results.schema.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from .info import LAYOUT
+from .zarr_io import consolidate, eager_labels, open_repgeo_group, quiet_zarr, write_1d
+
+KIND = "results"
+SCHEMA_VERSION = "1.0"
+PROMPTS_PER_CHUNK = 256
+
+#: name → (dims, dtype, units/description). Shapes come from the sizes of the dims.
+VARIABLES = {
+    "gride_id": (("prompt", "layer", "n2"), "float64", "GRIDE intrinsic dimension at scale n2 (dadapy 0.3.4)"),
+    "gride_err": (("prompt", "layer", "n2"), "float64", "GRIDE error bar"),
+    "gride_scale": (("prompt", "layer", "n2"), "float64", "distance scale of the n2 estimate (hidden-state units)"),
+    "n_unique": (("prompt", "layer"), "int32", "distinct vectors of the cloud (-1: not computed)"),
+    "twonn_id": (("prompt", "layer"), "float64", "TwoNN intrinsic dimension (dadapy compute_id_2NN)"),
+    "overlap": (("prompt", "layer", "k"), "float64",
+                "mean |N_k(layer) ∩ N_k(layer+1)| / k over all points; NaN at the last layer"),
+    "cosine_mean": (("prompt", "layer"), "float64", "mean cosine similarity over pairs i≠j"),
+    "cosine_std": (("prompt", "layer"), "float64", "std of the cosine similarity over pairs i≠j"),
+    "anisotropy": (("prompt", "layer"), "float64", "σ1² / Σσi² of the centered cloud"),
+    "nn_reciprocity": (("prompt", "layer"), "float64", "share of points that are their nearest neighbour's"),
+    "nn_cosine": (("prompt", "layer"), "float64", "mean cosine between the vectors to the two nearest neighbours"),
+    "norm_mean": (("prompt", "layer"), "float64", "mean Euclidean norm (hidden-state units)"),
+    "knn_index": (("prompt", "layer", "token", "neighbor"), "int32", "nearest neighbours, self excluded (-1: none)"),
+    "knn_distance": (("prompt", "layer", "token", "neighbor"), "float64", "float64 Euclidean distance"),
+    "group_gride_id": (("group", "layer", "n2"), "float64", "GRIDE id of the group's pooled tokens"),
+    "group_gride_err": (("group", "layer", "n2"), "float64", "GRIDE error bar"),
+    "group_gride_scale": (("group", "layer", "n2"), "float64", "distance scale"),
+    "group_anisotropy": (("group", "layer"), "float64", "anisotropy of the group's pooled tokens"),
+    "group_kl": (("group", "layer"), "float64", "KL(group || reference), k-NN estimator (Wang-Kulkarni-Verdú), nats"),
+}
+
+
+def _fill(dtype: str):
+    return -1 if dtype.startswith("int") else np.nan
+
+
+def create_results_store(path: str, *, source, params, variables: list, groups: list | None, attrs: dict):
+    """Create the results store for ``source`` (the activation store's zarr group) with NaN-filled variables.
+
+    Built at ``path + ".partial"`` and renamed into place when complete (like the activation store).
+    """
+    quiet_zarr()
+    partial = path.rstrip("/") + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    n_prompts, n_layers, width, _ = source["hidden"].shape
+    sizes = {"prompt": n_prompts, "layer": n_layers, "n2": len(params.n2), "k": params.overlap_k,
+             "token": width, "neighbor": params.overlap_k, "group": len(groups or [])}
+    labels = [name for name, _ in source.arrays() if name not in LAYOUT]
+    coords = " ".join(["n_tokens", *labels])
+
+    group = zarr.open_group(partial, mode="w", zarr_format=3)
+    group.attrs.update(dict(attrs, repgeo={"kind": KIND, "schema_version": SCHEMA_VERSION}))
+    for name in variables:
+        dims, dtype, description = VARIABLES[name]
+        shape = tuple(sizes[d] for d in dims)
+        attributes = {"description": description}
+        if dims[0] == "prompt":
+            # knn tables are large: a chunk per prompt; the small variables: many prompts per chunk (unsharded:
+            # zarr-python 3.1 mis-reads sharded arrays under mixed array/integer indexing).
+            chunks = ((1,) if "token" in dims else (min(PROMPTS_PER_CHUNK, n_prompts),)) + shape[1:]
+            attributes["coordinates"] = coords
+        else:
+            chunks = shape
+        group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=_fill(dtype),
+                           dimension_names=list(dims), compressors=[ZstdCodec(level=3), Crc32cCodec()],
+                           attributes=attributes)
+    group.create_array("loss", shape=(n_prompts,), chunks=(n_prompts,), dtype="float32", fill_value=np.nan,
+                       dimension_names=["prompt"], attributes={"units": "nats", "coordinates": coords,
+                                                               "description": "mean token loss (from the store)"})
+    group["loss"][:] = source["loss"][:]
+    group.create_array("done", shape=(n_prompts,), chunks=(min(PROMPTS_PER_CHUNK, n_prompts),),
+                       dtype="bool", fill_value=False, dimension_names=["prompt"],
+                       attributes={"description": "true once the prompt's variables are written"})
+    for name in ["prompt", "n_tokens", *labels]:
+        write_1d(group, name, source[name][:], "prompt")
+    write_1d(group, "layer", np.arange(n_layers, dtype=np.int64), "layer")
+    write_1d(group, "n2", params.n2, "n2", {"description": "GRIDE neighbour rank n2 (n1 = n2/2)"})
+    write_1d(group, "k", params.ks, "k", {"description": "neighbourhood size of the overlap"})
+    if params.save_knn:
+        write_1d(group, "neighbor", np.arange(1, params.overlap_k + 1), "neighbor")
+    if groups:
+        write_1d(group, "group", np.array([str(g) for g in groups], dtype=object), "group",
+                 {"label": params.groupby})
+    consolidate(partial)
+    os.replace(partial, path)
+
+
+def open_results_group(path: str, mode: str = "r") -> zarr.Group:
+    return open_repgeo_group(path, KIND, mode)
+
+
+def write_prompt_results(group: zarr.Group, prompt: int, results: dict):
+    """Write one prompt's arrays (name → array without the prompt dim), then mark it done."""
+    for name, values in results.items():
+        group[name][prompt] = values
+    group["done"][prompt] = True
+
+
+def open_results(path: str):
+    """Open a results store as a lazy xarray Dataset, labels in memory as coordinates on ``prompt``."""
+    import xarray as xr
+
+    open_results_group(path)
+    quiet_zarr()
+    return eager_labels(xr.open_zarr(path))

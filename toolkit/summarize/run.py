@@ -1,0 +1,115 @@
+"""The ``repgeo summarize`` job: check the stores, then compute per-prompt and group observables with Dask."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+
+import numpy as np
+
+from .. import __version__
+from ..errors import UserError
+from ..store.activations import open_activation_group
+from ..store.zarr_io import consolidate
+from ..store.results import VARIABLES, create_results_store, open_results_group, write_prompt_results
+from .cloud import empty_prompt_results
+from .params import GROUP_OBSERVABLES, SummarizeParams
+from .tasks import group_members, group_task, prompt_task
+
+
+def _log(msg: str):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def source_identity(store: str, group) -> dict:
+    """What identifies the activation store a results store was computed from."""
+    a = dict(group.attrs)
+    return {"path": os.path.abspath(store), "created": a["created"], "model": a["model"]["id"],
+            "weights_sha256": a["model"].get("weights_sha256"), "prompts_sha256": a["prompts"]["sha256"],
+            "settings": a["settings"], "dtype": a["dtype"], "n_prompts": int(group["hidden"].shape[0])}
+
+
+def _variables(params, n_layers: int) -> list:
+    names = list(empty_prompt_results(params, n_layers, 1))
+    for obs_name, variables in GROUP_OBSERVABLES.items():
+        if params.wants(obs_name):
+            names += list(variables)
+    return [n for n in VARIABLES if n in names]
+
+
+def check_inputs(store: str, out: str, params: SummarizeParams, resume: bool):
+    """Everything that can be refused before any work starts; returns the source group and the group values."""
+    source = open_activation_group(store)
+    labels = [name for name, _ in source.arrays()]
+    groups = None
+    if params.groupby:
+        if params.groupby not in labels or source[params.groupby].shape != source["done"].shape:
+            raise UserError(f"unknown label {params.groupby!r} for --groupby; {store} has labels: "
+                            f"{', '.join(sorted(set(labels) - {'hidden', 'input_ids', 'token_loss', 'done', 'loss'}))}")
+        values = source[params.groupby][:]
+        groups = sorted(set(values.tolist()), key=str)
+        if params.reference is not None and params.reference not in [str(g) for g in groups]:
+            raise UserError(f"--reference {params.reference!r} is not a value of label {params.groupby}; values: "
+                            f"{', '.join(map(str, groups))}")
+    if os.path.exists(out):
+        if not resume:
+            raise UserError(f"{out} already exists; pass --resume to complete it, or choose a new --out")
+        old = dict(open_results_group(out).attrs)
+        if old["source"] != source_identity(store, source) or old["parameters"] != params.recorded():
+            raise UserError(f"{out} was computed from another store or with other parameters; --resume needs the "
+                            f"same ones, or choose a new --out")
+    if not source["done"][:].any():
+        raise UserError(f"{store} has no finished prompt; complete it with repgeo extract --resume first")
+    return source, groups
+
+
+def summarize(store: str, out: str, params: SummarizeParams, client, groups) -> None:
+    """Fill the results store at ``out`` (creating it if needed) using the Dask ``client``."""
+    from distributed import as_completed
+
+    source = open_activation_group(store)
+    n_prompts, n_layers = source["hidden"].shape[:2]
+    if not os.path.exists(out):
+        attrs = {"toolkit_version": __version__, "source": source_identity(store, source),
+                 "source_attributes": dict(source.attrs), "parameters": params.recorded(),
+                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        create_results_store(out, source=source, params=params, variables=_variables(params, n_layers),
+                             groups=[str(g) for g in groups] if groups else None, attrs=attrs)
+    results = open_results_group(out, "r+")
+    source_done = source["done"][:]
+    todo = [p for p in np.flatnonzero(source_done & ~results["done"][:]).tolist()]
+    if not source_done.all():
+        _log(f"summarize: {int((~source_done).sum())} prompts of {store} are not extracted yet and are skipped")
+    _log(f"summarize: {len(todo)} prompts to do, {int(results['done'][:].sum())} done before, "
+         f"{len(client.scheduler_info()['workers'])} workers")
+
+    t0 = last = time.monotonic()
+    futures = client.map(prompt_task, [store] * len(todo), todo, params=params, pure=False)
+    for i, (_, (prompt, values)) in enumerate(as_completed(futures, with_results=True), start=1):
+        write_prompt_results(results, prompt, values)
+        now = time.monotonic()
+        if now - last >= 5 or i == len(todo):
+            last = now
+            rate = i / (now - t0)
+            eta = time.strftime("%H:%M:%S", time.gmtime((len(todo) - i) / rate))
+            _log(f"summarize: {i}/{len(todo)} prompts, {rate:.2f} prompts/s, ETA {eta}")
+
+    if groups and not results.attrs.get("groups_done"):
+        labels = source[params.groupby][:]
+        members = group_members(labels, source["n_tokens"][:], source_done, params)
+        members = {str(k): v for k, v in members.items()}
+        futures = client.map(group_task, [store] * n_layers, range(n_layers), members=members, params=params,
+                             pure=False)
+        index = {g: i for i, g in enumerate(str(g) for g in groups)}
+        rows = [index[g] for g in members]
+        for _, (layer, values) in as_completed(futures, with_results=True):
+            for name, value in values.items():
+                full = results[name][:]
+                full[rows, layer] = value
+                results[name][:] = full
+        results.attrs["groups_done"] = True
+        _log(f"summarize: group observables of {len(members)} groups by {params.groupby} done")
+    consolidate(out)
+    _log(f"summarize: complete: {out} ({time.monotonic() - t0:.1f} s)")
