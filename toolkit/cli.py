@@ -1,4 +1,4 @@
-"""Command-line entry point: ``repgeo extract | summarize | validate | info``. Parsing and exit codes only."""
+"""Command-line entry point: ``repgeo extract | summarize | plot | validate | info``. Parsing and exit codes only."""
 
 from __future__ import annotations
 
@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--seed", type=int, default=0, help="seed of the group subsampling (default 0)")
     su.add_argument("--resume", action="store_true", help="complete an existing results store")
 
+    pl = sub.add_parser("plot", help="PNG figures of every observable against layer and relative depth")
+    pl.add_argument("results", help="a results store (from repgeo summarize)")
+    pl.add_argument("--out", required=True, help="directory for the PNG files")
+    pl.add_argument("--groupby", help="a prompt label: one line per value (default: the store's --groupby)")
+    pl.add_argument("--n2", type=int, default=32, help="GRIDE scale to plot (default 32)")
+    pl.add_argument("--k", type=int, default=8, help="overlap neighbourhood size to plot (default 8)")
+
     va = sub.add_parser("validate", help="check a store against its schema")
     va.add_argument("path")
     va.add_argument("--deep", action="store_true", help="also read every chunk (checksums, NaN padding)")
@@ -97,6 +104,14 @@ def _summarize(args) -> int:
     return run_summarize(args)
 
 
+def _plot(args) -> int:
+    from .plot import plot_results
+
+    for path in plot_results(args.results, args.out, groupby=args.groupby, n2=args.n2, k=args.k):
+        print(path)
+    return 0
+
+
 def _validate(args) -> int:
     from .store.validate import validate_store
 
@@ -116,7 +131,7 @@ def _info(args) -> int:
     return 0
 
 
-COMMANDS = {"extract": _extract, "summarize": _summarize, "validate": _validate, "info": _info}
+COMMANDS = {"extract": _extract, "summarize": _summarize, "plot": _plot, "validate": _validate, "info": _info}
 
 
 def main(argv=None) -> int:
