@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--withhold-texts", action="store_true", help="store each prompt's sha256, not its text")
     ex.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="auto: the GPU of this rank's node-local index when CUDA is present, else CPU")
+    ex.add_argument("--device-map", choices=("auto", "balanced", "sequential"),
+                    help="for models too large for one GPU: run one rank per node and spread the model over "
+                         "the node's GPUs (accelerate's device_map)")
 
     su = sub.add_parser("summarize", help="observables of every (prompt, layer) cloud and of label groups → results store")
     su.add_argument("--store", required=True, help="the activation store (from repgeo extract)")
@@ -93,7 +96,7 @@ def _extract(args) -> int:
         model=args.model, prompts=args.prompts, out=args.out, dtype=args.dtype, compute_dtype=args.compute_dtype,
         max_tokens=args.max_tokens, min_tokens=args.min_tokens, batch_size=args.batch_size,
         shuffle_levels=args.shuffle_levels, seed=args.seed, resume=args.resume,
-        withhold_texts=args.withhold_texts, device=args.device,
+        withhold_texts=args.withhold_texts, device=args.device, device_map=args.device_map,
     )
     return run_extract(settings)
 

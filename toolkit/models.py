@@ -110,6 +110,9 @@ def load_tokenizer(ref: ModelRef):
 def load_model(ref: ModelRef, compute_dtype, device_map=None):
     """Load the causal LM in ``compute_dtype`` (a torch dtype), in eval mode, without remote code."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per rank would flood job logs; rank 0 reports progress
 
     kw = dict(ref.load_kwargs(), dtype=compute_dtype)
     if device_map:

@@ -54,10 +54,11 @@ def forward_batch(model, batch_ids: list, prompts: list, device: str, dtype: str
         mask[i, : len(row)] = 1
     ids, mask = ids.to(device), mask.to(device)
     out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
-    computed = torch.stack(out.hidden_states, dim=1)  # (prompt, layer, token, dim)
+    # (prompt, layer, token, dim); with a device map the layers live on several GPUs
+    computed = torch.stack([h.to(ids.device) for h in out.hidden_states], dim=1)
     stored = to_storage(computed, dtype)
     _check_finite(stored, computed, lengths, prompts, dtype)
-    logits = out.logits[:, :-1].float()
+    logits = out.logits[:, :-1].to(ids.device).float()
     # (prompt, token-1): −log p(token t+1 | ≤ t) = logsumexp(logits) − logit of the true token
     losses = torch.logsumexp(logits, dim=-1) - logits.gather(-1, ids[:, 1:, None])[..., 0]
     stored, losses = stored.cpu().numpy(), losses.cpu().numpy()

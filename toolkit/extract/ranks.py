@@ -45,18 +45,36 @@ def check_world_size(size: int, environ=os.environ):
 
 
 def cpu_threads(local_size: int, environ=os.environ) -> int:
-    """CPU threads per rank: Slurm's --cpus-per-task when given, else this node's usable cores shared evenly."""
+    """CPU threads per rank: its own cores when bound to some (Slurm CPU binding), else the node's cores shared
+    evenly by the node's ranks; never more than --cpus-per-task.
+    """
+    usable = len(os.sched_getaffinity(0))
+    bound = usable < (os.cpu_count() or usable)
+    threads = usable if bound else usable // max(1, local_size)
     if environ.get("SLURM_CPUS_PER_TASK"):
-        return max(1, int(environ["SLURM_CPUS_PER_TASK"]))
-    return max(1, len(os.sched_getaffinity(0)) // max(1, local_size))
+        threads = min(threads, int(environ["SLURM_CPUS_PER_TASK"]))
+    return max(1, threads)
+
+
+def visible_gpus(environ=os.environ) -> list:
+    """The GPU ids this process may use, as Slurm or the user set ``CUDA_VISIBLE_DEVICES`` (None: not set)."""
+    value = environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    return [v for v in value.split(",") if v.strip() and v.strip() != "-1"]
+
+
+def gpu_slot(local_rank: int, n_visible: int) -> int:
+    """Index among the visible GPUs for a node-local rank.
+
+    When Slurm gives each task its own GPU one device is visible and every rank uses index 0; when all the
+    node's GPUs are visible, rank i uses index i mod count.
+    """
+    return local_rank % n_visible
 
 
 def select_device(local_rank: int, requested: str = "auto") -> str:
-    """The torch device of this rank: node-local rank → GPU among those visible.
-
-    When Slurm gives each task its own GPU, ``CUDA_VISIBLE_DEVICES`` shows one device and every rank uses
-    ``cuda:0``; when all of the node's GPUs are visible, rank i uses ``cuda:(i mod count)``.
-    """
+    """The torch device of this rank: node-local rank → GPU among those visible, or the CPU."""
     import torch
 
     if requested == "cpu":
@@ -65,4 +83,17 @@ def select_device(local_rank: int, requested: str = "auto") -> str:
         if requested == "cuda":
             raise UserError("--device cuda was asked for but no CUDA device is visible; use --device auto or cpu")
         return "cpu"
-    return f"cuda:{local_rank % torch.cuda.device_count()}"
+    return f"cuda:{gpu_slot(local_rank, torch.cuda.device_count())}"
+
+
+def binding(ranks, device: str, environ=os.environ) -> str:
+    """One line, gathered on rank 0, saying which device every rank uses and which GPU ids it was given."""
+    visible = visible_gpus(environ)
+    if visible:
+        gpu = visible[gpu_slot(ranks.local_rank, len(visible))]
+        usable = "" if device.startswith("cuda") else ", no CUDA"
+        mine = f"{ranks.rank}:{device}[gpu {gpu} of {','.join(visible)}{usable}]"
+    else:
+        mine = f"{ranks.rank}:{device}"
+    entries = ranks.comm.gather(mine, root=0)
+    return "extract: devices " + " ".join(entries) if ranks.is_root else ""

@@ -22,7 +22,7 @@ from ..store.activations import PromptWriter, create_activation_store, label_arr
 from ..store.zarr_io import consolidate
 from .plan import batches_of_rank, make_batches, make_plan
 from .progress import Progress
-from .ranks import cpu_threads, mpi_ranks, select_device
+from .ranks import binding, cpu_threads, mpi_ranks, select_device
 from .writer import BackgroundWriter
 
 #: Bytes on disk per stored value, before compression (an upper bound: real activations compress ~1.1×).
@@ -46,6 +46,7 @@ class ExtractSettings:
     resume: bool = False
     withhold_texts: bool = False
     device: str = "auto"
+    device_map: str | None = None
     add_special_tokens: bool = True
 
     def recorded(self) -> dict:
@@ -162,7 +163,12 @@ def _run(s: ExtractSettings, ranks) -> int:
     from .forward import forward_batch  # torch is imported only once the input is known to be good
 
     torch.set_num_threads(cpu_threads(ranks.local_size))
-    model = load_model(ref, _resolve_compute_dtype(s.compute_dtype, device, s.dtype)).to(device)
+    if s.device_map:  # one rank spans the node's GPUs; inputs go where the first layers are
+        model = load_model(ref, _resolve_compute_dtype(s.compute_dtype, device, s.dtype), device_map=s.device_map)
+        device = str(model.get_input_embeddings().weight.device)
+    else:
+        model = load_model(ref, _resolve_compute_dtype(s.compute_dtype, device, s.dtype)).to(device)
+    placed = binding(ranks, device)
     attrs = {
         "toolkit_version": __version__,
         "model": dict(model_description(ref, model), weights_sha256=sha),
@@ -182,7 +188,8 @@ def _run(s: ExtractSettings, ranks) -> int:
     n_tokens = plan.n_tokens
     log(f"extract: {len(plan.prompts)} prompts from {plan.n_input} inputs ({plan.n_dropped_short} shorter than "
         f"--min-tokens dropped, {plan.n_truncated} truncated), {n_layers} layers x {d_model} dims, "
-        f"{s.dtype}, {ranks.size} rank(s), device {device}")
+        f"{s.dtype}, {ranks.size} rank(s)")
+    log(placed)
 
     def prepare():
         done = open_activation_group(s.out)["done"][:] if exists else np.zeros(len(plan.prompts), bool)
