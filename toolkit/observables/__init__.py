@@ -30,3 +30,32 @@ __all__ = [
     "twonn_id",
     "unique_rows",
 ]
+
+# SAE feature geometry (Li et al. 2024, "The Geometry of Concepts"): brain scale (co-occurrence lobes) and galaxy
+# scale (covariance spectra).
+from .cooccurrence import (
+    AFFINITIES,
+    affinities,
+    affinity_spectrum,
+    block_occurrence,
+    cooccurrence_counts,
+    spectral_lobes,
+)
+from .galaxy import covariance_spectrum, default_fit_range, isotropic_reference, power_law_slope
+from .lobes import direction_clusters, lobe_ami, lobe_logreg_accuracy
+
+__all__ += [
+    "AFFINITIES",
+    "affinities",
+    "affinity_spectrum",
+    "block_occurrence",
+    "cooccurrence_counts",
+    "covariance_spectrum",
+    "default_fit_range",
+    "direction_clusters",
+    "isotropic_reference",
+    "lobe_ami",
+    "lobe_logreg_accuracy",
+    "power_law_slope",
+    "spectral_lobes",
+]
