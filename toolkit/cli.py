@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import UserError
@@ -138,6 +139,8 @@ COMMANDS = {"extract": _extract, "summarize": _summarize, "plot": _plot, "valida
 
 
 def main(argv=None) -> int:
+    # Idle OpenMP threads must not spin on cores that the background writer or other ranks need.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -118,23 +118,36 @@ class _StopFlag:
     def _set(self, signum, _frame):
         self.signal = signal.Signals(signum).name
 
+    def ignore_slurm(self):
+        """Ignore Slurm's SIGTERM and SIGUSR1 from now on (SIG_IGN, unlike a Python handler, lasts through the
+        interpreter's exit)."""
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
+
 
 def run_extract(s: ExtractSettings) -> int:
-    ranks = mpi_ranks()
+    # Stop signals are caught from the start (a rank asked to stop while it loads stops before its first batch)
+    # and ignored once this rank's exit code is decided: srun --kill-on-bad-exit sends SIGTERM to the ranks still
+    # exiting when the first one exits non-zero (a stop or an error every rank raises alike), and being killed by
+    # it would turn their exit code into 143.
+    stop, ranks = _StopFlag(), None
     try:
-        return _run(s, ranks)
+        ranks = mpi_ranks()
+        return _run(s, ranks, stop)
     except UserError:
         raise
     except BaseException:
-        if ranks.size > 1:  # one failed rank must not leave the others waiting forever
+        if ranks is not None and ranks.size > 1:  # one failed rank must not leave the others waiting forever
             import traceback
 
             traceback.print_exc()
             ranks.comm.Abort(1)
         raise
+    finally:
+        stop.ignore_slurm()
 
 
-def _run(s: ExtractSettings, ranks) -> int:
+def _run(s: ExtractSettings, ranks, stop: _StopFlag) -> int:
     root = ranks.is_root
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if root else (lambda msg: None)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -162,6 +175,11 @@ def _run(s: ExtractSettings, ranks) -> int:
 
     from .forward import forward_batch  # torch is imported only once the input is known to be good
 
+    identity = {"model": {"id": ref.name, "weights_sha256": sha}, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+                "dtype": s.dtype, "settings": s.recorded(), "prompts": {"sha256": source.sha256}}
+    if exists:  # refuse a mismatched resume before spending minutes loading a large model
+        on_root(ranks, lambda: _check_resumable(s.out, identity))
+
     torch.set_num_threads(cpu_threads(ranks.local_size))
     if s.device_map:  # one rank spans the node's GPUs; inputs go where the first layers are
         model = load_model(ref, _resolve_compute_dtype(s.compute_dtype, device, s.dtype), device_map=s.device_map)
@@ -172,9 +190,9 @@ def _run(s: ExtractSettings, ranks) -> int:
     attrs = {
         "toolkit_version": __version__,
         "model": dict(model_description(ref, model), weights_sha256=sha),
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "tokenizer_fingerprint": identity["tokenizer_fingerprint"],
         "dtype": s.dtype,
-        "settings": s.recorded(),
+        "settings": identity["settings"],
         "prompts": {"path": os.path.abspath(s.prompts), "sha256": source.sha256, "n_input": plan.n_input,
                     "n_dropped_short": plan.n_dropped_short, "n_truncated": plan.n_truncated,
                     "n_stored": len(plan.prompts)},
@@ -182,8 +200,6 @@ def _run(s: ExtractSettings, ranks) -> int:
         "ranks": ranks.size,
     }
     n_layers, d_model = attrs["model"]["n_layers"] + 1, attrs["model"]["d_model"]
-    if exists:
-        on_root(ranks, lambda: _check_resumable(s.out, attrs))
 
     n_tokens = plan.n_tokens
     log(f"extract: {len(plan.prompts)} prompts from {plan.n_input} inputs ({plan.n_dropped_short} shorter than "
@@ -213,7 +229,6 @@ def _run(s: ExtractSettings, ranks) -> int:
     mine = batches_of_rank(batches, ranks.rank, ranks.size)
     todo = [p for b in batches for p in b if not done[p]]
     progress = Progress(ranks, len(plan.prompts), int(n_tokens[todo].sum()), already_done=int(done.sum()))
-    stop = _StopFlag()
     background = BackgroundWriter(writer.write, s.out)
     t0 = time.monotonic()
     try:
@@ -229,8 +244,13 @@ def _run(s: ExtractSettings, ranks) -> int:
         background.close()
     except UserError as e:
         if ranks.size > 1:  # only this rank knows: say it here and stop the others
-            print(f"repgeo extract: error (rank {ranks.rank}): {e}", file=sys.stderr, flush=True)
+            print(f"repgeo extract: error (rank {ranks.rank}): {e}; remove {s.out} before rerunning",
+                  file=sys.stderr, flush=True)
             ranks.comm.Abort(2)
+            os._exit(2)  # Abort may return before the process is ended
+        if not exists:  # the store is this run's own and unusable with these settings: leave nothing behind
+            background.abandon()
+            shutil.rmtree(s.out, ignore_errors=True)
         raise
     progress.finish()
     stopped = ranks.comm.allreduce(stop.signal or "", op=lambda a, b, _=None: a or b)

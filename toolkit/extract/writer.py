@@ -48,8 +48,16 @@ class BackgroundWriter:
         self._raise()
         self._queue.put(item)
 
-    def close(self):
-        """Wait until everything queued is written; raise the first write error, if any."""
+    def abandon(self):
+        """Stop writing: drop what is queued and wait for the item being written (before removing the store)."""
+        self._error = self._error or RuntimeError("abandoned")
+        self.close_quietly()
+
+    def close_quietly(self):
         self._queue.put(None)
         self._thread.join()
+
+    def close(self):
+        """Wait until everything queued is written; raise the first write error, if any."""
+        self.close_quietly()
         self._raise()
