@@ -42,13 +42,19 @@ REPGEO=${REPGEO:-$PWD/.venv/bin/repgeo}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
 
 echo "[extract.sh] job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?}: ${SLURM_NTASKS:-?} tasks" >&2
+# The ranks' stderr also goes to a file, read below to tell a clean stop from a failure.
+ranks_log=$(mktemp) || exit 1
+trap 'rm -f "$ranks_log"' EXIT
+exec 3>&1
 # shellcheck disable=SC2086  # the *_ARGS variables are lists of options
 srun --mpi="${REPGEO_MPI:-pmi2}" --kill-on-bad-exit=1 ${REPGEO_SRUN_ARGS:-} \
   "$REPGEO" extract --model "$REPGEO_MODEL" --prompts "$REPGEO_PROMPTS" --out "$REPGEO_STORE" --resume \
-  ${REPGEO_EXTRACT_ARGS:-}
-rc=$?
-# 138 = stopped by SIGUSR1 (the time-limit warning), 143 = by SIGTERM: come back and resume.
-if [ "$rc" -eq 138 ] || [ "$rc" -eq 143 ]; then
+  ${REPGEO_EXTRACT_ARGS:-} 2>&1 >&3 3>&- | tee "$ranks_log" >&2 3>&-
+rc=${PIPESTATUS[0]}
+# 138 = stopped by SIGUSR1 (the time-limit warning), 143 = by SIGTERM: come back and resume. But 143 is also what
+# srun returns when one rank fails and --kill-on-bad-exit terminates the others (SIGTERM): only a stop that every
+# rank agreed on makes rank 0 print "extract: stopped by SIG...".
+if [ "$rc" -eq 138 ] || { [ "$rc" -eq 143 ] && grep -q "^extract: stopped by SIG" "$ranks_log"; }; then
   echo "[extract.sh] stopped before the end (exit $rc); requeueing job $SLURM_JOB_ID to resume" >&2
   scontrol requeue "$SLURM_JOB_ID" && exit 0
 fi

@@ -528,3 +528,16 @@ def test_real_anisotropy_and_cosines(hidden_states):
         X = hidden_states[layer]
         assert abs(anisotropy(X) - exact_anisotropy(X)) < 1e-4
         np.testing.assert_allclose(cosine_stats(X[:150]), brute_cosine_stats(X[:150]), rtol=1e-9)
+
+
+def test_copies_of_a_point_get_bitwise_equal_distances():
+    # Repeated tokens (layer 0) must tie exactly, or the lower-index tie rule of the kNN tables breaks.
+    rng = np.random.default_rng(11)
+    X = rng.normal(size=(300, 576)).astype(np.float32)
+    X[[40, 170, 299]] = X[7]
+    D = pairwise_distances(X)
+    for copy in (40, 170, 299):
+        assert np.array_equal(D[copy], D[7]) and np.array_equal(D[:, copy], D[:, 7])
+        assert D[copy, 7] == 0.0
+    idx, _ = sorted_neighbors(D, 5)
+    assert list(idx[7, :3]) == [40, 170, 299] and list(idx[170, :3]) == [7, 40, 299]

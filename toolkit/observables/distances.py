@@ -9,22 +9,29 @@ _CANCELLATION_RATIO = 1e-2
 _PAIRS_PER_CHUNK = 4096
 
 
+def _first_copies(X):
+    """For every row of X (token, dim), the index of the first row equal to it (itself when unique).
+
+    Rows are compared bitwise after mapping -0.0 to +0.0, i.e. two rows are copies exactly when their
+    Euclidean distance is 0 (NaN rows are not expected). Returns (token,) int64.
+    """
+    # Adding 0.0 turns -0.0 into +0.0 so that the byte comparison below equals float equality.
+    rows = np.ascontiguousarray(X + X.dtype.type(0))
+    as_bytes = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
+    _, first, inverse = np.unique(as_bytes, return_index=True, return_inverse=True)
+    return first[inverse.ravel()]
+
+
 def unique_rows(X):
     """Remove exact duplicate rows, keeping the first occurrence of each and the original order.
 
-    X: (token, dim) float array. Rows are compared bitwise after mapping -0.0 to +0.0, i.e. two rows are
-    duplicates exactly when their Euclidean distance is 0 (NaN rows are not expected).
-
+    X: (token, dim) float array; duplicates are rows at Euclidean distance 0 (see `_first_copies`).
     Returns (X_unique, n_unique): X_unique is (n_unique, dim) with the dtype of X.
     """
     X = np.asarray(X)
     if X.ndim != 2:
         raise ValueError(f"X must be a (token, dim) array, got shape {X.shape}")
-    # Adding 0.0 turns -0.0 into +0.0 so that the byte comparison below equals float equality.
-    rows = np.ascontiguousarray(X + X.dtype.type(0))
-    as_bytes = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
-    _, first = np.unique(as_bytes, return_index=True)
-    keep = np.sort(first)
+    keep = np.unique(_first_copies(X))
     return X[keep], keep.size
 
 
@@ -61,12 +68,16 @@ def pairwise_distances(X):
 
     X: (token, dim) float array (float16/32/64; computed in float64).
     Returns D: (token, token) float64, symmetric, D[i, i] == 0 exactly, relative error ~1e-13 even for
-    near-duplicate rows (cancellation-prone pairs of the Gram formula are recomputed directly).
+    near-duplicate rows (cancellation-prone pairs of the Gram formula are recomputed directly). Copies of a
+    row (repeated tokens) get bitwise-equal rows and columns, so that ties among them break by index.
     """
     X = np.asarray(X)
     if X.ndim != 2:
         raise ValueError(f"X must be a (token, dim) array, got shape {X.shape}")
-    return _distances(X)
+    D = _distances(X)
+    first = _first_copies(X)
+    # The Gram formula can differ in the last bit between identical columns: give copies the first's values.
+    return D if (first == np.arange(len(first))).all() else D[np.ix_(first, first)]
 
 
 def sorted_neighbors(D, k):

@@ -52,7 +52,8 @@ def open_repgeo_group(path: str, kind: str, mode: str = "r") -> zarr.Group:
     found = group.attrs.get("repgeo", {}).get("kind")
     if found != kind:
         what = f"a repgeo {found} store" if found else "not a repgeo store"
-        raise UserError(f"{path} is {what}, but a {kind} store is needed here")
+        raise UserError(f"{path} is {what}, but an {kind} store is needed here" if kind[0] in "aeiou"
+                        else f"{path} is {what}, but a {kind} store is needed here")
     return group
 
 

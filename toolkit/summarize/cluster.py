@@ -52,8 +52,12 @@ def run_on_mpi(client_function, ranks) -> object:
             outcome["error"] = e
 
     interface = os.environ.get("REPGEO_DASK_INTERFACE") or ("lo" if ranks.local_size == ranks.size else None)
-    execute(client_side, client_rank=0, scheduler_rank=0, exclusive_workers=False, interface=interface,
-            nthreads=1, dashboard=False, dashboard_address=":0", local_directory=os.environ.get("TMPDIR", "/tmp"))
+    logging.getLogger("distributed").setLevel(logging.ERROR)  # as the local cluster: no per-worker INFO lines
+    # scheduler_port=0: a free port (dask-mpi broadcasts the address), so that two jobs on one node never collide
+    # on the default 8786 (the second one's scheduler would fail and leave its workers waiting forever).
+    execute(client_side, client_rank=0, scheduler_rank=0, scheduler_port=0, exclusive_workers=False,
+            interface=interface, nthreads=1, dashboard=False, dashboard_address=":0",
+            local_directory=os.environ.get("TMPDIR", "/tmp"))
     result = ranks.comm.bcast(outcome, root=0)
     if "error" in result:
         raise result["error"]

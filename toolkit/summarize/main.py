@@ -8,6 +8,10 @@ from .run import check_inputs, summarize
 
 
 def run_summarize(args) -> int:
+    if args.scheduler == "mpi":  # MPI first, so that the errors below are printed once (by rank 0), not per rank
+        from ..extract.ranks import mpi_ranks
+
+        ranks = mpi_ranks()
     if args.overlap_k < 1 or args.group_size < 3:
         raise UserError("--overlap-k must be at least 1 and --group-size at least 3")
     params = SummarizeParams(
@@ -16,10 +20,8 @@ def run_summarize(args) -> int:
         group_size=args.group_size, seed=args.seed,
     )
     if args.scheduler == "mpi":
-        from ..extract.ranks import mpi_ranks
         from .cluster import run_on_mpi
 
-        ranks = mpi_ranks()
         _, groups = check_inputs(args.store, args.out, params, args.resume)  # every rank refuses alike
         run_on_mpi(lambda client: summarize(args.store, args.out, params, client, groups), ranks)
         return 0

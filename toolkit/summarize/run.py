@@ -12,6 +12,7 @@ import numpy as np
 from .. import __version__
 from ..errors import UserError
 from ..store.activations import open_activation_group
+from ..store.info import LAYOUT
 from ..store.zarr_io import consolidate
 from ..store.results import VARIABLES, create_results_store, open_results_group, write_prompt_results
 from .cloud import empty_prompt_results
@@ -42,12 +43,14 @@ def _variables(params, n_layers: int) -> list:
 def check_inputs(store: str, out: str, params: SummarizeParams, resume: bool):
     """Everything that can be refused before any work starts; returns the source group and the group values."""
     source = open_activation_group(store)
-    labels = [name for name, _ in source.arrays()]
+    labels = [name for name, _ in source.arrays() if name not in LAYOUT]
     groups = None
+    if params.reference is not None and not params.groupby:
+        raise UserError("--reference names a group: give --groupby LABEL too")
     if params.groupby:
-        if params.groupby not in labels or source[params.groupby].shape != source["done"].shape:
+        if params.groupby not in labels:
             raise UserError(f"unknown label {params.groupby!r} for --groupby; {store} has labels: "
-                            f"{', '.join(sorted(set(labels) - {'hidden', 'input_ids', 'token_loss', 'done', 'loss'}))}")
+                            f"{', '.join(labels) or '(none)'}")
         values = source[params.groupby][:]
         groups = sorted(set(values.tolist()), key=str)
         if params.reference is not None and params.reference not in [str(g) for g in groups]:
@@ -79,6 +82,7 @@ def summarize(store: str, out: str, params: SummarizeParams, client, groups) -> 
                              groups=[str(g) for g in groups] if groups else None, attrs=attrs)
     results = open_results_group(out, "r+")
     source_done = source["done"][:]
+    source_loss = source["loss"][:]  # read after done: final for every done prompt (extract sets done last)
     todo = [p for p in np.flatnonzero(source_done & ~results["done"][:]).tolist()]
     if not source_done.all():
         _log(f"summarize: {int((~source_done).sum())} prompts of {store} are not extracted yet and are skipped")
@@ -88,7 +92,8 @@ def summarize(store: str, out: str, params: SummarizeParams, client, groups) -> 
     t0 = last = time.monotonic()
     futures = client.map(prompt_task, [store] * len(todo), todo, params=params, pure=False)
     for i, (_, (prompt, values)) in enumerate(as_completed(futures, with_results=True), start=1):
-        write_prompt_results(results, prompt, values)
+        # loss too: the copy made at creation lacks the prompts extracted since (a resumed partial store)
+        write_prompt_results(results, prompt, dict(values, loss=source_loss[prompt]))
         now = time.monotonic()
         if now - last >= 5 or i == len(todo):
             last = now
@@ -96,7 +101,10 @@ def summarize(store: str, out: str, params: SummarizeParams, client, groups) -> 
             eta = time.strftime("%H:%M:%S", time.gmtime((len(todo) - i) / rate))
             _log(f"summarize: {i}/{len(todo)} prompts, {rate:.2f} prompts/s, ETA {eta}")
 
-    if groups and not results.attrs.get("groups_done"):
+    if groups and not results.attrs.get("groups_done") and not source_done.all():
+        # Pools of a partial store would differ from the final ones (and may lack the reference group): wait.
+        _log(f"summarize: group observables wait until {store} is complete; then rerun with --resume")
+    elif groups and not results.attrs.get("groups_done"):
         labels = source[params.groupby][:]
         members = group_members(labels, source["n_tokens"][:], source_done, params)
         members = {str(k): v for k, v in members.items()}
