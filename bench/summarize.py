@@ -3,7 +3,8 @@
 On the same 1024-token SmolLM2 prompts and the same 2 cores:
 
 - baseline: per prompt and layer, float32 sklearn distances and cosines, dadapy GRIDE from the distance matrix,
-  and the per-token Python loop for neighbourhood overlap (k = 1..32), as the token-geometry notebooks do.
+  and the per-token Python loop (np.intersect1d per token and k) for neighbourhood overlap k = 1..32, as the
+  token-geometry notebooks do; the bench also times a faster set-based loop for comparison.
 - repgeo:   `repgeo summarize --workers 2` (GRIDE, TwoNN, overlap, cosine, anisotropy, reciprocity, norm).
 
 Steady-state seconds per prompt exclude start-up by differencing two prompt counts (time(N) - time(N0)) /
@@ -52,6 +53,16 @@ def summarize_seconds(store, out, workers) -> float:
     return time.perf_counter() - t0
 
 
+def overlap_loop(previous, order, n, ks):
+    """The notebooks' neighbourhood overlap: for every k, a Python loop over tokens with np.intersect1d."""
+    return [np.mean([len(np.intersect1d(previous[i, :k], order[i, :k])) / k for i in range(n)]) for k in ks]
+
+
+def overlap_set_loop(previous, order, n, ks):
+    """A faster pure-Python variant with sets, to show how much of the baseline is the loop itself."""
+    return [np.mean([len(set(previous[i, :k]) & set(order[i, :k])) / k for i in range(n)]) for k in ks]
+
+
 def baseline_prompt(hidden, n, ks=range(1, 33)):
     """The token-geometry way for one prompt: returns GRIDE ids (layer, scale)."""
     from dadapy import Data
@@ -68,7 +79,7 @@ def baseline_prompt(hidden, n, ks=range(1, 33)):
         ids.append(data.return_id_scaling_gride(range_max=256)[0])
         order = np.argsort(D, axis=1)[:, 1:33]
         if previous is not None:
-            [np.mean([len(set(previous[i, :k]) & set(order[i, :k])) / k for i in range(n)]) for k in ks]
+            overlap_loop(previous, order, n, ks)
         previous = order
     return ids
 
@@ -97,16 +108,16 @@ def per_observable_ms(X):
     return timings
 
 
-def worker_peak_mib(store, prompt) -> float:
-    """Peak RSS of one process that imports the toolkit and runs one prompt task, minus the imports alone."""
-    code = ("import resource, sys; from toolkit.summarize.tasks import prompt_task; "
-            "from toolkit.summarize.params import SummarizeParams; "
-            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+def worker_peak_mib(store, prompt) -> tuple:
+    """One prompt task in a fresh process: peak RSS (MiB) and peak of numpy's traced allocations (MiB)."""
+    code = ("import resource, tracemalloc; from toolkit.summarize.tasks import prompt_task; "
+            "from toolkit.summarize.params import SummarizeParams; tracemalloc.start(); "
             f"prompt_task({store!r}, {prompt}, SummarizeParams()); "
-            "print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, tracemalloc.get_traced_memory()[1])")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
-    base, peak = map(int, out.stdout.split()[-2:])
-    return peak / 1024, (peak - base) / 1024
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("PEAK")][-1]
+    rss_kib, traced = map(int, line.split()[1:])
+    return rss_kib / 1024, traced / 2**20
 
 
 def main():
@@ -147,14 +158,24 @@ def main():
         ours = results["gride_id"][args.baseline_prompts - 1]
         diffs = [np.max(np.abs(ours[l, : len(b)] - b) / np.abs(b)) for l, b in enumerate(ids)]
         timings = per_observable_ms(hidden[0, 15, :n])
-        peak, task = worker_peak_mib(large, 0)
+        peak, traced = worker_peak_mib(large, 0)
+        loops = {}
+        from sklearn.metrics.pairwise import pairwise_distances as sk_distances
+
+        a, b = (np.argsort(sk_distances(hidden[0, layer, :n]), axis=1)[:, 1:33] for layer in (14, 15))
+        for name, loop in (("intersect1d loop", overlap_loop), ("set loop", overlap_set_loop)):
+            t0 = time.perf_counter()
+            loop(a, b, n, range(1, 33))
+            loops[name] = time.perf_counter() - t0
 
     print(f"{args.tokens}-token prompts, {args.model}, {args.workers} workers / {os.cpu_count()} cores")
     print(f"repgeo summarize   {repgeo_per_prompt:8.2f} s per prompt (steady state, {n0} vs {args.prompts} prompts)")
     print(f"token-geometry way {baseline_per_prompt:8.2f} s per prompt (steady state, 1 vs {args.baseline_prompts})")
     print(f"speed-up           {baseline_per_prompt / repgeo_per_prompt:8.1f}x")
     print(f"GRIDE vs baseline  max relative difference {max(diffs):.1e} (float32 sklearn distances there)")
-    print(f"worker task peak   {peak:.0f} MiB RSS ({task:.0f} MiB above the imports)")
+    print(f"worker task peak   {peak:.0f} MiB RSS, {traced:.0f} MiB of arrays (one prompt, all layers)")
+    for name, seconds in loops.items():
+        print(f"baseline overlap, one layer pair, {name}: {seconds:.2f} s")
     print("ms per 1024x576 cloud:")
     for name, ms in timings.items():
         print(f"  {name:30s} {ms:8.1f}")

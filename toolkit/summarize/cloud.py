@@ -48,8 +48,7 @@ def prompt_observables(layers, params, n_layers: int, width: int) -> dict:
     layers: iterable of (token, dim) arrays, layer 0 first (the prompt's n_tokens vectors at each layer).
     Overlap at layer l compares layers l and l+1 on all points (self excluded, ties to the lower index);
     GRIDE, TwoNN and the nearest-neighbour statistics use the cloud with exact duplicates removed
-    (``n_unique`` points). Returns name → array,
-    NaN where a cloud is too small for an observable.
+    (``n_unique`` points). Returns name → array, NaN where a cloud is too small for an observable.
     """
     out = empty_prompt_results(params, n_layers, width)
     ks = params.ks
@@ -60,9 +59,19 @@ def prompt_observables(layers, params, n_layers: int, width: int) -> dict:
         if n < 3:
             continue
         D = obs.pairwise_distances(X)
+        dedup = params.wants("gride") or params.wants("twonn") or params.wants("reciprocity")
+        Xu, n_unique = obs.unique_rows(X) if dedup else (X, n)
+        k_unique = min(max(params.gride_maxk, 2), n_unique - 1)
         need_knn = params.wants("overlap") or params.save_knn
+        unique_table = None
         if need_knn:
-            idx, dist = obs.sorted_neighbors(D, min(params.overlap_k, n - 1))
+            k = min(params.overlap_k, n - 1)
+            if dedup and n_unique == n and n_unique >= 3:
+                # no duplicates: one stable sort serves both tables (its first k columns are the k-table)
+                unique_table = obs.sorted_neighbors(D, max(k, k_unique))
+                idx, dist = unique_table[0][:, :k], unique_table[1][:, :k]
+            else:
+                idx, dist = obs.sorted_neighbors(D, k)
             if params.wants("overlap") and previous is not None:
                 valid = ks[ks <= idx.shape[1]]
                 out["overlap"][layer - 1, : len(valid)] = obs.neighborhood_overlap(previous, idx, valid)
@@ -70,13 +79,14 @@ def prompt_observables(layers, params, n_layers: int, width: int) -> dict:
             if params.save_knn:
                 out["knn_index"][layer, :n, : idx.shape[1]] = idx
                 out["knn_distance"][layer, :n, : idx.shape[1]] = dist
-        if params.wants("gride") or params.wants("twonn") or params.wants("reciprocity"):
-            Xu, n_unique = obs.unique_rows(X)
+        if dedup:
             if "n_unique" in out:
                 out["n_unique"][layer] = n_unique
             if n_unique >= 3:
-                Du = D if n_unique == n else obs.pairwise_distances(Xu)
-                iu, du = obs.sorted_neighbors(Du, min(max(params.gride_maxk, 2), n_unique - 1))
+                if unique_table is None:
+                    Du = D if n_unique == n else obs.pairwise_distances(Xu)
+                    unique_table = obs.sorted_neighbors(Du, k_unique)
+                iu, du = unique_table[0][:, :k_unique], unique_table[1][:, :k_unique]
                 if params.wants("reciprocity"):  # on distinct points: a duplicate's twin is no neighbour
                     out["nn_reciprocity"][layer] = obs.nn_reciprocity(iu)
                     out["nn_cosine"][layer] = obs.nn_cosine(Xu, iu)
