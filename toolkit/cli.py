@@ -141,6 +141,8 @@ COMMANDS = {"extract": _extract, "summarize": _summarize, "plot": _plot, "valida
 def main(argv=None) -> int:
     # Idle OpenMP threads must not spin on cores that the background writer or other ranks need.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Libraries' own bars (one per rank, e.g. GGUF de-quantisation) would flood job logs; rank 0 reports progress.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
