@@ -100,7 +100,7 @@ def _disk_check(out: str, n_values: int, dtype: str):
     need = n_values * BYTES_PER_VALUE[dtype]
     parent = os.path.dirname(os.path.abspath(out)) or "."
     free = shutil.disk_usage(parent).free
-    print(f"extract: expected size on disk up to {need / 2**30:.2f} GiB ({n_values} values at {dtype}); "
+    print(f"extract: expected size on disk up to {need / 2**20:.1f} MiB ({n_values} values at {dtype}); "
           f"{free / 2**30:.1f} GiB free in {parent}", file=sys.stderr, flush=True)
     if need > free:
         raise UserError(f"{parent} has {free / 2**30:.2f} GiB free but the store needs up to {need / 2**30:.2f} GiB; "
