@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -41,7 +41,6 @@ class SummarizeParams:
     group_size: int = 2000  # tokens pooled per group (subsampled with seed)
     kl_k: int = 5  # neighbour rank of the k-NN KL estimator
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def ks(self) -> np.ndarray:
@@ -56,10 +55,7 @@ class SummarizeParams:
         return name in self.observables
 
     def recorded(self) -> dict:
-        d = asdict(self)
-        d["observables"] = list(self.observables)
-        d.pop("extra")
-        return d
+        return dict(asdict(self), observables=list(self.observables))
 
 
 def parse_observables(text: str | None, groupby: str | None, reference: str | None) -> tuple:
