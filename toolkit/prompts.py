@@ -63,6 +63,12 @@ def _read_jsonl(path: str, raw: bytes) -> list:
         if not text.strip():
             raise UserError(f"{path} line {lineno} has an empty \"text\"; remove the line or give it text")
         for key, value in obj.items():
+            if not key or "/" in key or key.startswith("."):
+                raise UserError(f"{path} line {lineno}: label name {key!r} cannot name an array; use a non-empty "
+                                f"name without '/' that does not start with '.'")
+            if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+                raise UserError(f"{path} line {lineno}: label {key!r} = {value} does not fit in 64 bits; "
+                                f"write it as a string")
             if not isinstance(value, LABEL_TYPES) or value is None:
                 raise UserError(
                     f"{path} line {lineno}: label {key!r} is {type(value).__name__}; labels must be strings, numbers "
@@ -90,7 +96,8 @@ def _read_txt_files(paths: list, what: str) -> PromptSource:
 def read_prompts(path: str) -> PromptSource:
     """Read the prompts named by ``path`` (JSONL file, .txt file, directory or glob of .txt files)."""
     if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".txt"))
+        files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                       if f.endswith(".txt") and os.path.isfile(os.path.join(path, f)))
         if not files:
             raise UserError(f"directory {path} holds no .txt files; put one prompt per .txt file there")
         return _read_txt_files(files, path)

@@ -38,7 +38,9 @@ def check_world_size(size: int, environ=os.environ):
     rank 0 that would all do the same work; catch it before any of them writes.
     """
     expected = environ.get("SLURM_STEP_NUM_TASKS") if environ.get("SLURM_STEP_ID") is not None else None
-    if expected and int(expected) != size:
+    # Only the symptom itself: mpiexec inside an allocation starts its proxies with srun, one per node, so a
+    # correct world may well differ from the step's task count; a wrong plug-in gives worlds of one.
+    if expected and size == 1 and int(expected) > 1:
         raise UserError(f"srun started {expected} tasks but MPI sees a world of {size}: the MPI plug-in does not "
                         f"match the MPI library; use srun --mpi=pmi2 for MPICH (the default install) or "
                         f"--mpi=pmix for Open MPI")

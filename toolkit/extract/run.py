@@ -175,17 +175,24 @@ def _run(s: ExtractSettings, ranks, stop: _StopFlag) -> int:
 
     from .forward import forward_batch  # torch is imported only once the input is known to be good
 
+    compute_dtype = _resolve_compute_dtype(s.compute_dtype, device, s.dtype)
+    # The resolved compute dtype, not "auto": a resume on another device must not mix float32 and bfloat16.
+    settings = dict(s.recorded(), compute_dtype=str(compute_dtype).removeprefix("torch."))
     identity = {"model": {"id": ref.name, "weights_sha256": sha}, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-                "dtype": s.dtype, "settings": s.recorded(), "prompts": {"sha256": source.sha256}}
+                "dtype": s.dtype, "settings": settings, "prompts": {"sha256": source.sha256}}
     if exists:  # refuse a mismatched resume before spending minutes loading a large model
         on_root(ranks, lambda: _check_resumable(s.out, identity))
 
     torch.set_num_threads(cpu_threads(ranks.local_size))
     if s.device_map:  # one rank spans the node's GPUs; inputs go where the first layers are
-        model = load_model(ref, _resolve_compute_dtype(s.compute_dtype, device, s.dtype), device_map=s.device_map)
+        model = load_model(ref, compute_dtype, device_map=s.device_map)
         device = str(model.get_input_embeddings().weight.device)
     else:
-        model = load_model(ref, _resolve_compute_dtype(s.compute_dtype, device, s.dtype)).to(device)
+        model = load_model(ref, compute_dtype).to(device)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and int(plan.n_tokens.max()) > limit:
+        raise UserError(f"the longest prompt has {int(plan.n_tokens.max())} tokens but {ref.name} takes at most "
+                        f"{limit}; pass --max-tokens {limit}")
     placed = binding(ranks, device)
     attrs = {
         "toolkit_version": __version__,
@@ -244,13 +251,16 @@ def _run(s: ExtractSettings, ranks, stop: _StopFlag) -> int:
         background.close()
     except UserError as e:
         if ranks.size > 1:  # only this rank knows: say it here and stop the others
-            print(f"repgeo extract: error (rank {ranks.rank}): {e}; remove {s.out} before rerunning",
-                  file=sys.stderr, flush=True)
+            fix = "" if getattr(e, "keep_store", False) else f"; remove {s.out} before rerunning"
+            print(f"repgeo extract: error (rank {ranks.rank}): {e}{fix}", file=sys.stderr, flush=True)
             ranks.comm.Abort(2)
             os._exit(2)  # Abort may return before the process is ended
-        if not exists:  # the store is this run's own and unusable with these settings: leave nothing behind
+        if not exists and not getattr(e, "keep_store", False):
+            # the store is this run's own and unusable with these settings: leave nothing behind
             background.abandon()
             shutil.rmtree(s.out, ignore_errors=True)
+        else:
+            background.close_quietly()  # keep what is finished: --resume continues from it
         raise
     progress.finish()
     stopped = ranks.comm.allreduce(stop.signal or "", op=lambda a, b, _=None: a or b)

@@ -36,6 +36,7 @@ class BackgroundWriter:
                 if e.errno == errno.ENOSPC:
                     e = UserError(f"the disk is full while writing prompt {item[0]} to {self._store}; free space, "
                                   f"then rerun with --resume (finished prompts are kept)")
+                    e.keep_store = True
                 self._error = e
             except Exception as e:  # re-raised in the producer
                 self._error = e

@@ -31,7 +31,12 @@ SCHEMA_VERSION = "1.0"
 STORED_DTYPES = {"float16": "float16", "bfloat16": "float32", "float32": "float32"}
 #: Names that labels may not take because the layout uses them.
 RESERVED = {"hidden", "input_ids", "n_tokens", "token_loss", "loss", "done", "text", "text_sha256", "prompt",
-            "layer", "token", "dim"}
+            "layer", "token", "dim",
+            # names of the results store, which carries every label
+            "n2", "k", "group", "neighbor", "gride_id", "gride_err", "gride_scale", "n_unique", "twonn_id",
+            "overlap", "cosine_mean", "cosine_std", "anisotropy", "nn_reciprocity", "nn_cosine", "norm_mean",
+            "knn_index", "knn_distance", "group_gride_id", "group_gride_err", "group_gride_scale",
+            "group_anisotropy", "group_kl"}
 #: The per-chunk checksum; used by every array that ranks write, so corruption is caught on read.
 CHECKSUM = Crc32cCodec()
 

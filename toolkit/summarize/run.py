@@ -17,7 +17,7 @@ from ..store.zarr_io import consolidate
 from ..store.results import VARIABLES, create_results_store, open_results_group, write_prompt_results
 from .cloud import empty_prompt_results
 from .params import GROUP_OBSERVABLES, SummarizeParams
-from .tasks import group_members, group_task, prompt_task
+from .tasks import group_members, group_task, group_values, prompt_task
 
 
 def _log(msg: str):
@@ -45,14 +45,17 @@ def check_inputs(store: str, out: str, params: SummarizeParams, resume: bool):
     source = open_activation_group(store)
     labels = [name for name, _ in source.arrays() if name not in LAYOUT]
     groups = None
+    clash = sorted(set(labels) & set(VARIABLES) | set(labels) & {"n2", "k", "group", "neighbor"})
+    if clash:
+        raise UserError(f"label {clash[0]!r} of {store} collides with a results variable; re-extract with the "
+                        f"label renamed")
     if params.reference is not None and not params.groupby:
         raise UserError("--reference names a group: give --groupby LABEL too")
     if params.groupby:
         if params.groupby not in labels:
             raise UserError(f"unknown label {params.groupby!r} for --groupby; {store} has labels: "
                             f"{', '.join(labels) or '(none)'}")
-        values = source[params.groupby][:]
-        groups = sorted(set(values.tolist()), key=str)
+        groups = group_values(source[params.groupby][:])
         if params.reference is not None and params.reference not in [str(g) for g in groups]:
             raise UserError(f"--reference {params.reference!r} is not a value of label {params.groupby}; values: "
                             f"{', '.join(map(str, groups))}")

@@ -30,13 +30,19 @@ def prompt_task(store: str, prompt: int, params) -> tuple:
         return prompt, prompt_observables(slabs, params, n_layers, width)
 
 
+def group_values(labels: np.ndarray) -> list:
+    """The distinct values of a label, sorted; a missing value (NaN, or "" for strings) forms no group."""
+    values = {v for v in labels.tolist() if v == v and v != ""}  # v == v drops NaN
+    return sorted(values, key=str)
+
+
 def group_members(labels: np.ndarray, n_tokens: np.ndarray, done: np.ndarray, params) -> dict:
     """Group value → (prompt, token) pairs pooled for that group, subsampled to ``group_size`` with the seed.
 
     The same pairs are used at every layer, so a group's curve follows the same tokens through the model.
     """
     members = {}
-    for i, value in enumerate(sorted(set(labels[done].tolist()), key=str)):
+    for i, value in enumerate(group_values(labels[done])):
         prompts = np.flatnonzero((labels == value) & done)
         pairs = np.concatenate([np.stack([np.full(n_tokens[p], p), np.arange(n_tokens[p])], 1) for p in prompts])
         if len(pairs) > params.group_size:
