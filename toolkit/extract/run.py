@@ -198,6 +198,7 @@ def _run(s: ExtractSettings, ranks, stop: _StopFlag) -> int:
         "toolkit_version": __version__,
         "model": dict(model_description(ref, model), weights_sha256=sha),
         "tokenizer_fingerprint": identity["tokenizer_fingerprint"],
+        "special_token_ids": sorted(int(i) for i in tokenizer.all_special_ids),
         "dtype": s.dtype,
         "settings": identity["settings"],
         "prompts": {"path": os.path.abspath(s.prompts), "sha256": source.sha256, "n_input": plan.n_input,
