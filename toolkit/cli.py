@@ -1,4 +1,4 @@
-"""Command-line entry point: ``repgeo extract | summarize | plot | validate | info``. Parsing and exit codes only."""
+"""Command-line entry point: ``repgeo extract | summarize | plot | sae | validate | info``. Parsing and exit codes only."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _int_list(text: str) -> tuple:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
     if any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError("levels must be 0 or more")
+        raise argparse.ArgumentTypeError("values must be 0 or more")
     return values
 
 
@@ -81,6 +81,38 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--n2", type=int, default=32, help="GRIDE scale to plot (default 32)")
     pl.add_argument("--k", type=int, default=8, help="overlap neighbourhood size to plot (default 8)")
 
+    sae = sub.add_parser("sae", help="sparse autoencoders on an activation store: train one, count feature "
+                                     "co-occurrence").add_subparsers(dest="sae_command", required=True,
+                                                                     parser_class=_Parser)
+    tr = sae.add_parser("train", help="train a TopK SAE on one layer of a store (SAELens layout)")
+    tr.add_argument("--store", required=True, help="the activation store (from repgeo extract)")
+    tr.add_argument("--layer", required=True, type=int, help="layer of the store (0 = embeddings)")
+    tr.add_argument("--out", required=True, help="the SAE directory to create (cfg.json + sae_weights.safetensors)")
+    tr.add_argument("--features", type=int, help="number of features (default 8 x d_model)")
+    tr.add_argument("--k", type=int, default=32, help="active features per token (default 32)")
+    tr.add_argument("--epochs", type=int, default=4, help="passes over the store's tokens (default 4)")
+    tr.add_argument("--batch-tokens", type=int, default=1024, help="tokens per optimiser step (default 1024)")
+    tr.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
+    tr.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling (default 0)")
+    tr.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: a GPU if present")
+
+    co = sae.add_parser("cooccurrence", help="feature co-occurrence in token blocks → affinities, spectra, lobes, "
+                                             "galaxy spectra (results store)")
+    co.add_argument("--store", required=True, help="the activation store (from repgeo extract)")
+    co.add_argument("--sae", required=True, help="SAE directory in the SAELens layout")
+    co.add_argument("--layer", required=True, type=int, help="layer of the store the SAE reads (0 = embeddings)")
+    co.add_argument("--out", required=True, help="the results store to create (a directory)")
+    co.add_argument("--threshold", type=float, default=1.0, help="a feature fires above this activation (default 1.0)")
+    co.add_argument("--block", type=int, default=256, help="tokens per block (default 256)")
+    co.add_argument("--clusters", type=_int_list, default=(2, 4, 8), help="lobe counts (default 2,4,8)")
+    co.add_argument("--scheduler", default="local", help="local, mpi (Dask on the ranks of mpiexec/srun), or the "
+                                                         "address of a running scheduler")
+    co.add_argument("--workers", type=int, help="workers of the local cluster (default: one per core)")
+    co.add_argument("--seed", type=int, default=0, help="seed of clustering, permutations, isotropic reference")
+    co.add_argument("--permutations", type=int, default=100, help="label permutations of the AMI baseline")
+    co.add_argument("--galaxy-tokens", type=int, default=2048,
+                    help="tokens whose feature activations form the activation galaxy cloud (default 2048)")
+
     va = sub.add_parser("validate", help="check a store against its schema")
     va.add_argument("path")
     va.add_argument("--deep", action="store_true", help="also read every chunk (checksums, NaN padding)")
@@ -135,7 +167,14 @@ def _info(args) -> int:
     return 0
 
 
-COMMANDS = {"extract": _extract, "summarize": _summarize, "plot": _plot, "validate": _validate, "info": _info}
+def _sae(args) -> int:
+    from .sae.main import run_sae_cooccurrence, run_train
+
+    return run_train(args) if args.sae_command == "train" else run_sae_cooccurrence(args)
+
+
+COMMANDS = {"extract": _extract, "summarize": _summarize, "plot": _plot, "sae": _sae, "validate": _validate,
+            "info": _info}
 
 
 def main(argv=None) -> int:

@@ -13,7 +13,7 @@ so counts from any split of the corpus add up exactly. Typical order::
 
     occ = block_occurrence(acts, n_tokens, special_mask, 1.0, block)    # per prompt
     C = sum(cooccurrence_counts(occ) for each prompt); N = total blocks
-    A = affinities(C, N)["phi"]
+    A = affinity(C, N, "phi")
     spectrum = affinity_spectrum(A); lobes = spectral_lobes(A, n_clusters, seed)
 """
 
@@ -58,12 +58,13 @@ def cooccurrence_counts(occurrence):
     return C
 
 
-def affinities(counts, n_blocks):
-    """The five co-occurrence affinities of every pair of features.
+def affinity(counts, n_blocks, metric):
+    """One co-occurrence affinity of every pair of features.
 
     counts: (feature, feature) int co-occurrence counts (sparse or dense, from `cooccurrence_counts`, summed);
-    n_blocks: N, the total number of blocks they were counted over. With r_i = C_ii, the contingency table of
-    (i, j) is n11 = C_ij, n10 = r_i − C_ij, n01 = r_j − C_ij, n00 = N − r_i − r_j + C_ij, and
+    n_blocks: N, the total number of blocks they were counted over; metric: one of AFFINITIES. With r_i = C_ii,
+    the contingency table of (i, j) is n11 = C_ij, n10 = r_i − C_ij, n01 = r_j − C_ij, n00 = N − r_i − r_j + C_ij,
+    and
 
     - simple_matching = (n11 + n00) / N                        NaN when N = 0
     - jaccard = n11 / (n11 + n10 + n01)                        NaN when neither feature occurs
@@ -72,10 +73,12 @@ def affinities(counts, n_blocks):
     - phi = (n11 n00 − n10 n01) / sqrt((n11+n10)(n01+n00)(n11+n01)(n10+n00))
                                                                NaN when either feature never or always occurs
     All lie in [0, 1] except phi in [−1, 1]; the diagonal is 1 wherever defined. Computed in float64 (phi's
-    numerator as n11·N − r_i·r_j, equal to n11 n00 − n10 n01). Each result is a dense (feature, feature)
-    float64 array: to bound memory, slice counts to the features of interest first (C[idx][:, idx] keeps their
-    diagonal, hence their table). Returns {name: array} for the names in AFFINITIES.
+    numerator as n11·N − r_i·r_j, equal to n11 n00 − n10 n01). Returns a dense (feature, feature) float64 array;
+    the computation holds ~4 such arrays at once: to bound memory, slice counts to the features of interest first
+    (C[idx][:, idx] keeps their diagonal, hence their table).
     """
+    if metric not in AFFINITIES:
+        raise ValueError(f"metric must be one of {AFFINITIES}, got {metric!r}")
     C = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
     C = C.astype(np.float64)
     N = float(n_blocks)
@@ -91,14 +94,20 @@ def affinities(counts, n_blocks):
         np.divide(numerator, denominator, out=out, where=denominator > 0)
         return out
 
-    union = ri + rj - C
-    return {
-        "simple_matching": ratio(N - union + C, np.full(C.shape, N)),
-        "jaccard": ratio(C, union),
-        "dice": ratio(2 * C, ri + rj),
-        "overlap": ratio(C, np.minimum(ri, rj)),
-        "phi": ratio(C * N - ri * rj, np.sqrt(ri * (N - ri)) * np.sqrt(rj * (N - rj))),
-    }
+    if metric == "simple_matching":
+        return ratio(N - (ri + rj - C) + C, np.full(C.shape, N))
+    if metric == "jaccard":
+        return ratio(C, ri + rj - C)
+    if metric == "dice":
+        return ratio(2 * C, ri + rj)
+    if metric == "overlap":
+        return ratio(C, np.minimum(ri, rj))
+    return ratio(C * N - ri * rj, np.sqrt(ri * (N - ri)) * np.sqrt(rj * (N - rj)))
+
+
+def affinities(counts, n_blocks):
+    """All five affinities of `affinity`: {name: (feature, feature) float64} for the names in AFFINITIES."""
+    return {metric: affinity(counts, n_blocks, metric) for metric in AFFINITIES}
 
 
 def _defined_features(A):

@@ -129,6 +129,14 @@ def open_activation_group(path: str, mode: str = "r") -> zarr.Group:
     return group
 
 
+def source_identity(path: str, group: zarr.Group) -> dict:
+    """What identifies an activation store (``group``, opened from ``path``) that a derived store was computed from."""
+    a = dict(group.attrs)
+    return {"path": os.path.abspath(path), "created": a["created"], "model": a["model"]["id"],
+            "weights_sha256": a["model"].get("weights_sha256"), "prompts_sha256": a["prompts"]["sha256"],
+            "settings": a["settings"], "dtype": a["dtype"], "n_prompts": int(group["hidden"].shape[0])}
+
+
 def open_activations(path: str):
     """Open an activation store as a lazy xarray Dataset with dims (prompt, layer, token, dim), hidden as float32.
 

@@ -37,6 +37,8 @@ def store_info(path: str) -> str:
         return _activations_info(path, group)
     if kind == "results":
         return _results_info(path, group)
+    if kind == "sae_cooccurrence":
+        return _sae_cooccurrence_info(path, group)
     raise UserError(f"{path} is a Zarr store but not a repgeo store (no repgeo.kind attribute)")
 
 
@@ -86,6 +88,25 @@ def _results_info(path: str, group) -> str:
         f"  complete   {int(done.sum())}/{len(done)} prompts done"
         + ("" if done.all() else " (rerun summarize with --resume to finish)")
         + (f", groups {'done' if a.get('groups_done') else 'not done'}" if params.get("groupby") else ""),
+        f"  created    {a['created']} by repgeo {a['toolkit_version']}",
+    ]
+    return "\n".join(lines)
+
+
+def _sae_cooccurrence_info(path: str, group) -> str:
+    a = dict(group.attrs)
+    source, sae, params = a["source"], a["sae"], a["parameters"]
+    diagonal = np.arange(sae["d_sae"])
+    occurring = int((group["cooccurrence"].get_coordinate_selection((diagonal, diagonal)) > 0).sum())
+    lines = [
+        f"SAE co-occurrence store {path}",
+        f"  source     {source['path']} ({source['model']}, {source['n_prompts']} prompts), layer {a['layer']}",
+        f"  SAE        {sae['path']} ({sae['architecture']}, d_in {sae['d_in']}, {sae['d_sae']} features, "
+        f"weights sha256 {sae['weights_sha256'][:12]})",
+        f"  blocks     {int(group['n_blocks'][...])} of {params['block']} tokens; {occurring} features occur at "
+        f"least once (threshold {params['threshold']})",
+        f"  parameters " + ", ".join(f"{k}={v}" for k, v in params.items()),
+        f"  size       {disk_usage(path) / 2**20:.1f} MiB on disk",
         f"  created    {a['created']} by repgeo {a['toolkit_version']}",
     ]
     return "\n".join(lines)

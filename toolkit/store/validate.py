@@ -11,7 +11,8 @@ from ..errors import UserError
 from .zarr_io import quiet_zarr
 
 SCHEMA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "schemas")
-SCHEMA_FILES = {"activations": "activation-store.schema.json", "results": "results.schema.json"}
+SCHEMA_FILES = {"activations": "activation-store.schema.json", "results": "results.schema.json",
+                "sae_cooccurrence": "sae-cooccurrence.schema.json"}
 
 
 def load_schema(kind: str) -> dict:

@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import UserError
-from ..store.activations import open_activation_group
+from ..store.activations import open_activation_group, source_identity
 from ..store.info import LAYOUT
 from ..store.zarr_io import consolidate
 from ..store.results import VARIABLES, create_results_store, open_results_group, write_prompt_results
@@ -22,14 +22,6 @@ from .tasks import group_members, group_task, group_values, prompt_task
 
 def _log(msg: str):
     print(msg, file=sys.stderr, flush=True)
-
-
-def source_identity(store: str, group) -> dict:
-    """What identifies the activation store a results store was computed from."""
-    a = dict(group.attrs)
-    return {"path": os.path.abspath(store), "created": a["created"], "model": a["model"]["id"],
-            "weights_sha256": a["model"].get("weights_sha256"), "prompts_sha256": a["prompts"]["sha256"],
-            "settings": a["settings"], "dtype": a["dtype"], "n_prompts": int(group["hidden"].shape[0])}
 
 
 def _variables(params, n_layers: int) -> list:

@@ -1,0 +1,257 @@
+"""``repgeo sae cooccurrence``: count SAE feature co-occurrence over an activation store with Dask, then analyse.
+
+Two stages:
+
+1. **Counting** (distributed): each Dask task takes a few prompts, encodes their vectors at the layer with the SAE,
+   marks which features occur in which block (`block_occurrence`) and returns the exact sparse integer counts
+   Oᵀ O of its blocks (`cooccurrence_counts`). The client adds them up as they arrive. Integer sums do not depend
+   on their order, so the counts are the same for any number of workers.
+   Memory per worker: one prompt's vectors (tokens × d_in float32) and activations (tokens × d_sae float32), the
+   task's occurrence matrix (its blocks × active features, sparse) and its counts, at most 12 bytes per nonzero
+   pair of co-occurring features: ≤ 12 · d_sae² bytes (3.2 GB at 16k features) in the worst case where every pair
+   co-occurs, typically far less since most features are silent. The SAE's weights (2 · d_in · d_sae float32) are
+   loaded once per worker process.
+2. **Analysis** (on the client): affinities, their spectra and lobes, lobe-vs-geometry tests and galaxy spectra.
+   It holds a few dense (feature, feature) float64 matrices at once: ~5 · 8 · d_sae² bytes (10 GB at 16k
+   features), so run it where that fits.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import hashlib
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from .. import __version__
+from ..errors import UserError
+from ..observables import (AFFINITIES, affinity_spectrum, block_occurrence, cooccurrence_counts,
+                           covariance_spectrum, default_fit_range, isotropic_reference, lobe_ami,
+                           lobe_logreg_accuracy, power_law_slope, spectral_lobes)
+from ..observables.cooccurrence import affinity
+from ..store.activations import source_identity
+from ..store.sae_results import create_sae_results_store, finish_sae_results_store
+from .files import CFG_FILE, WEIGHTS_FILE, encode, load_sae
+from .layer import StoreLayer
+
+#: Prompts per counting task: enough work per task to hide the scheduling cost, few enough to balance workers.
+PROMPTS_PER_TASK = 4
+
+
+@dataclass(frozen=True)
+class CooccurrenceSettings:
+    store: str
+    sae: str
+    layer: int
+    out: str
+    threshold: float = 1.0
+    block: int = 256
+    clusters: tuple = (2, 4, 8)
+    seed: int = 0
+    permutations: int = 100
+    galaxy_tokens: int = 2048
+
+    def recorded(self) -> dict:
+        """The parameters as recorded in the results store (paths are recorded with the store and SAE identity)."""
+        values = asdict(self)
+        for path in ("store", "sae", "out"):
+            del values[path]
+        return dict(values, clusters=list(self.clusters))
+
+
+def _log(msg: str):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def sae_identity(directory: str, sae) -> dict:
+    """What identifies an SAE: its directory, the sha256 of its two files, and its shape and architecture."""
+    digests = {}
+    for name in (CFG_FILE, WEIGHTS_FILE):
+        h = hashlib.sha256()
+        with open(os.path.join(directory, name), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digests[name] = h.hexdigest()
+    return {"path": os.path.abspath(directory), "weights_sha256": digests[WEIGHTS_FILE],
+            "cfg_sha256": digests[CFG_FILE], "architecture": sae.architecture, "d_in": sae.d_in,
+            "d_sae": sae.d_sae, "k": sae.k, "hook_name": sae.cfg.get("hook_name")}
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_sae(directory: str, d_model: int, weights_sha256: str):
+    """The SAE, loaded once per worker process (the hash keys the cache, so a changed file is reloaded)."""
+    return load_sae(directory, d_model)
+
+
+def count_task(store: str, layer: int, prompts: list, sae_dir: str, weights_sha256: str, threshold: float,
+               block: int) -> tuple:
+    """Counts of one group of prompts: (number of blocks, (feature, feature) int64 CSR co-occurrence counts)."""
+    from ..summarize.tasks import _one_thread
+
+    with _one_thread():
+        source = StoreLayer(store, layer)
+        sae = _worker_sae(sae_dir, source.d_model, weights_sha256)
+        occurrences = []
+        for p in prompts:
+            vectors, special = source.slab(p)
+            occurrences.append(block_occurrence(encode(sae, vectors), len(vectors), special, threshold, block))
+        occurrence = sp.vstack(occurrences, format="csr") if occurrences else sp.csr_matrix((0, sae.d_sae))
+        return occurrence.shape[0], cooccurrence_counts(occurrence)
+
+
+def count_cooccurrence(client, settings: CooccurrenceSettings, source: StoreLayer, sae_id: dict) -> tuple:
+    """Stage 1 on the Dask ``client``: (n_blocks, summed (feature, feature) int64 CSR counts)."""
+    from distributed import as_completed
+
+    prompts = [int(p) for p in source.prompts]
+    groups = [prompts[i:i + PROMPTS_PER_TASK] for i in range(0, len(prompts), PROMPTS_PER_TASK)]
+    futures = client.map(count_task, [settings.store] * len(groups), [settings.layer] * len(groups), groups,
+                         sae_dir=settings.sae, weights_sha256=sae_id["weights_sha256"],
+                         threshold=settings.threshold, block=settings.block, pure=False)
+    n_tokens = int(source.n_tokens[source.prompts].sum())
+    _log(f"sae cooccurrence: counting {len(prompts)} prompts ({n_tokens} tokens) in {len(groups)} tasks on "
+         f"{len(client.scheduler_info()['workers'])} workers")
+    tokens_of = {f.key: int(source.n_tokens[g].sum()) for f, g in zip(futures, groups)}
+    n_blocks, counts = 0, sp.csr_matrix((sae_id["d_sae"], sae_id["d_sae"]), dtype=np.int64)
+    t0 = last = time.monotonic()
+    done_tokens = 0
+    for future, (blocks, task_counts) in as_completed(futures, with_results=True):
+        n_blocks += blocks
+        counts = counts + task_counts
+        done_tokens += tokens_of[future.key]
+        now = time.monotonic()
+        if now - last >= 5 or done_tokens == n_tokens:
+            last = now
+            _log(f"sae cooccurrence: {done_tokens}/{n_tokens} tokens, {done_tokens / (now - t0):.0f} tokens/s")
+    counts.sort_indices()
+    return n_blocks, counts
+
+
+def _galaxy_sample(source: StoreLayer, sae, size: int) -> np.ndarray:
+    """Feature activations (token, feature) of the first ``size`` non-special tokens of the store, in prompt order."""
+    rows, total = [], 0
+    for p in source.prompts:
+        vectors, special = source.slab(int(p))
+        rows.append(encode(sae, vectors[~special][: size - total]))
+        total += len(rows[-1])
+        if total >= size:
+            break
+    return np.concatenate(rows)
+
+
+def _galaxy(clouds: dict, seed: int) -> dict:
+    """Galaxy spectra of each named cloud (row, dim), their power-law slopes, and the same for isotropic Gaussians.
+
+    The fit range is `default_fit_range` of the cloud's spectrum; the isotropic slope uses the same ranks.
+    """
+    width = max(X.shape[1] for X in clouds.values())
+    out = {name: np.full((len(clouds), width), np.nan) for name in ("galaxy_eigenvalues", "galaxy_isotropic_eigenvalues")}
+    out.update({name: np.full(len(clouds), np.nan) for name in ("galaxy_slope", "galaxy_isotropic_slope")})
+    out.update({name: np.full(len(clouds), -1, dtype=np.int64) for name in ("galaxy_fit_first", "galaxy_fit_last")})
+    for i, X in enumerate(clouds.values()):
+        if len(X) < 2:
+            continue
+        lam = covariance_spectrum(X)
+        iso = isotropic_reference(X.shape[0], X.shape[1], seed)
+        out["galaxy_eigenvalues"][i, : lam.size] = lam
+        out["galaxy_isotropic_eigenvalues"][i, : iso.size] = iso
+        first, last = default_fit_range(lam)
+        if first < last and (lam[first - 1:last] > 0).all():
+            out["galaxy_fit_first"][i], out["galaxy_fit_last"][i] = first, last
+            out["galaxy_slope"][i] = power_law_slope(lam, (first, last))
+            if (iso[first - 1:last] > 0).all():
+                out["galaxy_isotropic_slope"][i] = power_law_slope(iso, (first, last))
+    return out
+
+
+def _lobe_statistics(A, sae, settings: CooccurrenceSettings, metric: str) -> dict:
+    """Lobes of one affinity for every cluster count, and how well decoder directions explain them."""
+    shape = (len(settings.clusters),)
+    out = {"lobe": np.full(shape + (A.shape[0],), -1, dtype=np.int64)}
+    for name in ("lobe_ami", "lobe_ami_null_mean", "lobe_ami_null_std", "lobe_ami_z", "lobe_logreg_accuracy",
+                 "lobe_logreg_random_accuracy"):
+        out[name] = np.full(shape, np.nan)
+    for j, n_clusters in enumerate(settings.clusters):
+        try:
+            lobes = spectral_lobes(A, n_clusters, settings.seed)
+        except ValueError as e:
+            _log(f"sae cooccurrence: {metric}, {n_clusters} lobes: skipped ({e})")
+            continue
+        out["lobe"][j] = lobes
+        try:
+            (out["lobe_ami"][j], out["lobe_ami_null_mean"][j], out["lobe_ami_null_std"][j],
+             out["lobe_ami_z"][j]) = lobe_ami(lobes, sae.W_dec, n_clusters, settings.permutations, settings.seed)
+        except ValueError as e:
+            _log(f"sae cooccurrence: {metric}, {n_clusters} lobes: no AMI ({e})")
+        try:
+            out["lobe_logreg_accuracy"][j], out["lobe_logreg_random_accuracy"][j] = lobe_logreg_accuracy(
+                lobes, sae.W_dec, settings.seed)
+        except ValueError as e:
+            _log(f"sae cooccurrence: {metric}, {n_clusters} lobes: no logistic regression ({e})")
+    return out
+
+
+def analyse_and_write(settings: CooccurrenceSettings, source: StoreLayer, sae, sae_id: dict, n_blocks: int,
+                      counts) -> None:
+    """Stage 2: write counts, affinities, spectra, lobes and galaxy spectra to a new results store."""
+    galaxy = _galaxy({"decoder": sae.W_dec, "activations": _galaxy_sample(source, sae, settings.galaxy_tokens)},
+                     settings.seed)
+    attrs = {"toolkit_version": __version__, "source": source_identity(settings.store, source.group),
+             "sae": sae_id, "layer": settings.layer, "special_token_ids": source.special_ids.tolist(),
+             "parameters": settings.recorded(),
+             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    partial, group = create_sae_results_store(settings.out, d_sae=sae.d_sae, clusters=settings.clusters,
+                                              galaxy_width=galaxy["galaxy_eigenvalues"].shape[1], attrs=attrs)
+    group["n_blocks"][...] = n_blocks
+    write_rows(group["cooccurrence"], counts)
+    for i, metric in enumerate(AFFINITIES):
+        t0 = time.monotonic()
+        A = affinity(counts, n_blocks, metric)
+        group["affinity"][i] = A
+        group["affinity_spectrum"][i] = affinity_spectrum(A)
+        for name, values in _lobe_statistics(A, sae, settings, metric).items():
+            group[name][i] = values
+        _log(f"sae cooccurrence: {metric}: affinity, spectrum and lobes ({time.monotonic() - t0:.1f} s)")
+    for name, values in galaxy.items():
+        group[name][...] = values
+    finish_sae_results_store(partial, settings.out)
+
+
+def write_rows(array, counts, rows_per_write: int = 1024):
+    """Write sparse (feature, feature) counts into a dense zarr array, a band of rows at a time (bounded memory)."""
+    for start in range(0, counts.shape[0], rows_per_write):
+        array[start:start + rows_per_write] = counts[start:start + rows_per_write].toarray()
+
+
+def check_inputs(settings: CooccurrenceSettings) -> tuple:
+    """Everything refused before work starts: (source layer, SAE, SAE identity)."""
+    if os.path.exists(settings.out):
+        raise UserError(f"{settings.out} already exists; choose a new --out")
+    if settings.block < 1 or settings.permutations < 2 or settings.galaxy_tokens < 2:
+        raise UserError("--block must be at least 1, --permutations and --galaxy-tokens at least 2")
+    if not settings.clusters or min(settings.clusters) < 2:
+        raise UserError("--clusters must list cluster counts of at least 2, e.g. 2,4,8")
+    source = StoreLayer(settings.store, settings.layer)
+    sae = load_sae(settings.sae, source.d_model)
+    return source, sae, sae_identity(settings.sae, sae)
+
+
+def run_cooccurrence(settings: CooccurrenceSettings, client, checked: tuple) -> None:
+    """The whole job on the Dask ``client``; ``checked`` is what `check_inputs` returned."""
+    source, sae, sae_id = checked
+    t0 = time.monotonic()
+    n_blocks, counts = count_cooccurrence(client, settings, source, sae_id)
+    if n_blocks == 0:
+        raise UserError(f"no prompt of {settings.store} has {settings.block} tokens: no complete block to count; "
+                        f"pass a smaller --block")
+    _log(f"sae cooccurrence: {n_blocks} blocks of {settings.block} tokens, {counts.nnz} co-occurring pairs "
+         f"({time.monotonic() - t0:.1f} s)")
+    analyse_and_write(settings, source, sae, sae_id, n_blocks, counts)
+    _log(f"sae cooccurrence: complete: {settings.out} ({time.monotonic() - t0:.1f} s)")
+
