@@ -17,6 +17,8 @@ so counts from any split of the corpus add up exactly. Typical order::
     spectrum = affinity_spectrum(A); lobes = spectral_lobes(A, n_clusters, seed)
 """
 
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -154,5 +156,7 @@ def spectral_lobes(A, n_clusters, seed):
     labels = np.full(A.shape[0], -1, dtype=np.int64)
     model = SpectralClustering(n_clusters=n_clusters, affinity="precomputed", assign_labels="kmeans",
                                random_state=seed)
-    labels[keep] = model.fit_predict(W[np.ix_(keep, keep)])
+    with warnings.catch_warnings():  # disconnected groups of features are expected: they become separate lobes
+        warnings.filterwarnings("ignore", message="Graph is not fully connected")
+        labels[keep] = model.fit_predict(W[np.ix_(keep, keep)])
     return labels

@@ -170,28 +170,33 @@ def _galaxy(clouds: dict, seed: int) -> dict:
     return out
 
 
-def _lobe_statistics(A, sae, settings: CooccurrenceSettings, metric: str) -> dict:
-    """Lobes of one affinity for every cluster count, and how well decoder directions explain them."""
+def _lobe_statistics(A, occurring, sae, settings: CooccurrenceSettings, metric: str) -> dict:
+    """Lobes of one affinity for every cluster count, and how well decoder directions explain them.
+
+    Only features that occur in some block are clustered (for simple matching, two silent features have affinity
+    1 — they agree on every block — which says nothing about function); the others get lobe −1.
+    """
     shape = (len(settings.clusters),)
     out = {"lobe": np.full(shape + (A.shape[0],), -1, dtype=np.int64)}
     for name in ("lobe_ami", "lobe_ami_null_mean", "lobe_ami_null_std", "lobe_ami_z", "lobe_logreg_accuracy",
                  "lobe_logreg_random_accuracy"):
         out[name] = np.full(shape, np.nan)
+    A, directions = A[np.ix_(occurring, occurring)], sae.W_dec[occurring]
     for j, n_clusters in enumerate(settings.clusters):
         try:
             lobes = spectral_lobes(A, n_clusters, settings.seed)
         except ValueError as e:
             _log(f"sae cooccurrence: {metric}, {n_clusters} lobes: skipped ({e})")
             continue
-        out["lobe"][j] = lobes
+        out["lobe"][j, occurring] = lobes
         try:
             (out["lobe_ami"][j], out["lobe_ami_null_mean"][j], out["lobe_ami_null_std"][j],
-             out["lobe_ami_z"][j]) = lobe_ami(lobes, sae.W_dec, n_clusters, settings.permutations, settings.seed)
+             out["lobe_ami_z"][j]) = lobe_ami(lobes, directions, n_clusters, settings.permutations, settings.seed)
         except ValueError as e:
             _log(f"sae cooccurrence: {metric}, {n_clusters} lobes: no AMI ({e})")
         try:
             out["lobe_logreg_accuracy"][j], out["lobe_logreg_random_accuracy"][j] = lobe_logreg_accuracy(
-                lobes, sae.W_dec, settings.seed)
+                lobes, directions, settings.seed)
         except ValueError as e:
             _log(f"sae cooccurrence: {metric}, {n_clusters} lobes: no logistic regression ({e})")
     return out
@@ -210,12 +215,13 @@ def analyse_and_write(settings: CooccurrenceSettings, source: StoreLayer, sae, s
                                               galaxy_width=galaxy["galaxy_eigenvalues"].shape[1], attrs=attrs)
     group["n_blocks"][...] = n_blocks
     write_rows(group["cooccurrence"], counts)
+    occurring = counts.diagonal() > 0
     for i, metric in enumerate(AFFINITIES):
         t0 = time.monotonic()
         A = affinity(counts, n_blocks, metric)
         group["affinity"][i] = A
         group["affinity_spectrum"][i] = affinity_spectrum(A)
-        for name, values in _lobe_statistics(A, sae, settings, metric).items():
+        for name, values in _lobe_statistics(A, occurring, sae, settings, metric).items():
             group[name][i] = values
         _log(f"sae cooccurrence: {metric}: affinity, spectrum and lobes ({time.monotonic() - t0:.1f} s)")
     for name, values in galaxy.items():

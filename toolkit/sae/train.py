@@ -2,13 +2,13 @@
 
 Model (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"): for an input x (d_in,),
 
-    a = TopK(ReLU-free pre-activations) then ReLU:  pre = (x − b_dec) W_enc + b_enc,  a = ReLU(pre at its k largest)
+    pre = (x − b_dec) W_enc + b_enc,   a = ReLU(pre) at the k largest entries of pre, 0 elsewhere,
     x̂ = a W_dec + b_dec,    loss = ‖x − x̂‖² / d_in  +  (1/32) · AuxK loss
 
 W_dec rows (the decoder directions) are kept at unit norm; W_enc starts as W_dec transposed and b_dec at the
 data mean. AuxK: features that have not fired for ``dead_after_tokens`` tokens reconstruct the residual x − x̂
 with their own top-k_aux (k_aux = d_in / 2), which revives them. Inputs are scaled by one constant so that their
-mean squared norm is d_in; the scale is folded back into the saved weights, so the saved SAE reads raw hidden
+median squared norm is d_in; the scale is folded back into the saved weights, so the saved SAE reads raw hidden
 states. Tokens with a special id (e.g. <s>, whose vector is an outlier) are left out of training and evaluation.
 
 Memory: one prompt slab plus a shuffle buffer of ``buffer_tokens`` vectors plus the SAE and Adam's state
@@ -128,14 +128,15 @@ def _token_batches(layer: StoreLayer, prompts, settings: TrainSettings, rng, sca
 
 
 def _input_scale(layer: StoreLayer, prompts) -> tuple:
-    """(scale, mean): the constant making the mean squared norm of the (first ≤ 64 prompts') vectors d_in, and
+    """(scale, mean): the constant making the median squared norm of the (first ≤ 64 prompts') vectors d_in, and
     their mean vector (the initial b_dec, in scaled units)."""
     sample = [v[~s] for v, s in (layer.slab(int(p)) for p in prompts[:64])]
     sample = np.concatenate(sample).astype(np.float64)
     if len(sample) == 0:
         raise UserError(f"layer {layer.layer} of {layer.path} has no token other than special tokens; nothing to "
                         f"train on")
-    scale = np.sqrt(layer.d_model / np.mean(np.einsum("ij,ij->i", sample, sample)))
+    # the median, not the mean: a prompt's first position often carries a "massive activation" 100x the others
+    scale = np.sqrt(layer.d_model / np.median(np.einsum("ij,ij->i", sample, sample)))
     return float(scale), sample.mean(axis=0) * scale
 
 
