@@ -118,9 +118,11 @@ def test_counts_and_affinities_match_contingency_tables():
     occ[:, 7] = False  # never occurs
     occ[:, 8] = True  # always occurs
     counts = cooccurrence_counts(sp.csr_matrix(occ))
-    assert sp.issparse(counts) and counts.dtype == np.int64
+    assert counts.dtype == np.int64
     n11, n10, n01, n00 = brute_tables(occ)
-    np.testing.assert_array_equal(counts.toarray(), n11)
+    np.testing.assert_array_equal(counts, n11)
+    # banded (3 columns at a time) and dense input: the same counts
+    np.testing.assert_array_equal(cooccurrence_counts(occ, band=3), n11)
     result = affinities(counts, occ.shape[0])
     assert sorted(result) == sorted(AFFINITIES)
     for name, A in result.items():
@@ -139,12 +141,12 @@ def test_counts_summed_over_workers_equal_counts_of_all():
     rng = np.random.default_rng(2)
     prompts = [random_prompt(rng, n_features=11, width=30) for _ in range(12)]
     occs = [block_occurrence(a, n, s, 1.0, 4) for a, n, s in prompts]
-    halves = [sum(cooccurrence_counts(o) for o in occs[:5]), sum(cooccurrence_counts(o) for o in occs[5:])]
+    total = np.zeros(2 * (occs[0].shape[1],), dtype=np.int32)  # a worker's running total, added into in place
+    for o in occs:
+        cooccurrence_counts(o, out=total)
     whole = cooccurrence_counts(sp.vstack(occs))
-    total = halves[0] + halves[1]
-    assert total.dtype == np.int64
-    np.testing.assert_array_equal(total.toarray(), whole.toarray())
-    np.testing.assert_array_equal(whole.toarray(), brute_tables(sp.vstack(occs).toarray())[0])
+    np.testing.assert_array_equal(total, whole)
+    np.testing.assert_array_equal(whole, brute_tables(sp.vstack(occs).toarray())[0])
     n_blocks = sum(o.shape[0] for o in occs)
     for name in AFFINITIES:
         np.testing.assert_array_equal(affinities(total, n_blocks)[name], affinities(whole, n_blocks)[name])
@@ -178,7 +180,6 @@ def test_affinity_spectrum_closed_form_and_nan_features():
         np.testing.assert_allclose(s[:n_defined].sum(), n_defined, rtol=1e-12)
 
 
-@pytest.mark.filterwarnings("ignore:Graph is not fully connected:UserWarning")  # two separate groups, by design
 def test_spectral_lobes_cut_negative_and_undefined_affinities():
     # Two groups {0,1,2} and {3,4,5}; feature 6 is anti-correlated with everyone (phi < 0): no edge, label -1;
     # feature 7 never occurs (NaN row): label -1; a NaN between two defined features is no edge either.
@@ -394,12 +395,10 @@ def planted_prompt(rng, n_features, width=64):
     return a, n_tokens, special
 
 
-# Phi's negative between-group affinities are cut to 0, which leaves the groups disconnected: as planted.
-@pytest.mark.filterwarnings("ignore:Graph is not fully connected:UserWarning")
 def test_planted_groups_are_recovered(tmp_path):
     rng = np.random.default_rng(8)
     sae, groups = planted_sae(tmp_path, rng)
-    counts, n_blocks = 0, 0
+    counts, n_blocks = np.zeros((sae.d_sae, sae.d_sae), dtype=np.int64), 0
     for _ in range(60):
         a, n_tokens, special = planted_prompt(rng, sae.d_sae)
         hidden = a @ sae.W_dec.astype(np.float64)
@@ -407,7 +406,7 @@ def test_planted_groups_are_recovered(tmp_path):
         acts = encode(sae, hidden)
         np.testing.assert_allclose(acts[:n_tokens], np.maximum(a[:n_tokens], 0), atol=1e-3)
         occ = block_occurrence(acts, n_tokens, special, 1.0, BLOCK)
-        counts = counts + cooccurrence_counts(occ)
+        cooccurrence_counts(occ, out=counts)
         n_blocks += occ.shape[0]
     live = groups < N_GROUPS
     assert (counts.diagonal()[~live] == 0).all() and (counts.diagonal()[live] > 0).all()

@@ -8,11 +8,11 @@ fires on any token of the block. Counting blocks over a corpus gives, for each p
     n11: blocks where both occur      n10: i occurs, j does not
     n01: j occurs, i does not         n00: neither occurs          n11 + n10 + n01 + n00 = N blocks
 
-which `cooccurrence_counts` stores as one sparse integer matrix C (C_ij = n11, C_ii = blocks where i occurs),
-so counts from any split of the corpus add up exactly. Typical order::
+which `cooccurrence_counts` stores as one integer matrix C (C_ij = n11, C_ii = blocks where i occurs), so counts
+from any split of the corpus add up exactly. Typical order::
 
     occ = block_occurrence(acts, n_tokens, special_mask, 1.0, block)    # per prompt
-    C = sum(cooccurrence_counts(occ) for each prompt); N = total blocks
+    cooccurrence_counts(occ, out=C)   # for each prompt, into C = zeros((feature, feature), int64); N = total blocks
     A = affinity(C, N, "phi")
     spectrum = affinity_spectrum(A); lobes = spectral_lobes(A, n_clusters, seed)
 """
@@ -47,17 +47,34 @@ def block_occurrence(activations, n_tokens, special_mask, threshold, block):
     return sp.csr_matrix(fires.reshape(n_blocks, block, acts.shape[1]).any(axis=1))
 
 
-def cooccurrence_counts(occurrence):
+#: Most blocks `cooccurrence_counts` takes at once: float32 sums of 0/1 products stay exact integers below 2^24.
+MAX_BLOCKS = 2**24
+
+
+def cooccurrence_counts(occurrence, out=None, band=2048):
     """Exact co-occurrence counts C = Oᵀ O of an occurrence matrix O: (block, feature) bool (dense or sparse).
 
     C_ij is the number of blocks where features i and j both occur; the diagonal C_ii the number of blocks where
-    i occurs. Returns a scipy.sparse CSR (feature, feature) int64 matrix; counts of disjoint sets of blocks (other
-    prompts, other workers) add up to the counts of their union.
+    i occurs. out: a (feature, feature) integer array to add the counts into (in place), e.g. a running total
+    over prompts or workers; None makes a new int64 one. Counts of disjoint sets of blocks add up to the counts
+    of their union, so totals do not depend on how the blocks were split.
+    Only features occurring in some block are touched. The product is a float32 matrix product (exact: at most
+    MAX_BLOCKS blocks, so every sum is an integer below 2^24) formed `band` columns at a time, so the scratch
+    memory is 4 · n_occurring · band bytes besides the dense (block, n_occurring) copy of O. Returns out.
     """
-    O = sp.csr_matrix(occurrence, dtype=np.int64)
-    C = (O.T @ O).tocsr()
-    C.sort_indices()
-    return C
+    O = sp.csr_matrix(occurrence, dtype=bool)
+    if O.shape[0] > MAX_BLOCKS:
+        raise ValueError(f"at most {MAX_BLOCKS} blocks at once, got {O.shape[0]}; split them")
+    if out is None:
+        out = np.zeros((O.shape[1], O.shape[1]), dtype=np.int64)
+    elif out.shape != (O.shape[1], O.shape[1]) or out.dtype.kind not in "iu":
+        raise ValueError(f"out must be a ({O.shape[1]}, {O.shape[1]}) integer array, got {out.shape} {out.dtype}")
+    occurring = np.flatnonzero(O.getnnz(axis=0))
+    dense = O[:, occurring].toarray().astype(np.float32)
+    for start in range(0, occurring.size, band):
+        columns = occurring[start:start + band]
+        out[np.ix_(occurring, columns)] += (dense.T @ dense[:, start:start + band]).astype(out.dtype)
+    return out
 
 
 def affinity(counts, n_blocks, metric):
@@ -65,8 +82,8 @@ def affinity(counts, n_blocks, metric):
 
     counts: (feature, feature) int co-occurrence counts (sparse or dense, from `cooccurrence_counts`, summed);
     n_blocks: N, the total number of blocks they were counted over; metric: one of AFFINITIES. With r_i = C_ii,
-    the contingency table of (i, j) is n11 = C_ij, n10 = r_i − C_ij, n01 = r_j − C_ij, n00 = N − r_i − r_j + C_ij,
-    and
+    the contingency table of (i, j) is n11 = C_ij, n10 = r_i − C_ij, n01 = r_j − C_ij,
+    n00 = N − r_i − r_j + C_ij, and
 
     - simple_matching = (n11 + n00) / N                        NaN when N = 0
     - jaccard = n11 / (n11 + n10 + n01)                        NaN when neither feature occurs

@@ -2,15 +2,18 @@
 
 Two stages:
 
-1. **Counting** (distributed): each Dask task takes a few prompts, encodes their vectors at the layer with the SAE,
-   marks which features occur in which block (`block_occurrence`) and returns the exact sparse integer counts
-   Oᵀ O of its blocks (`cooccurrence_counts`). The client adds them up as they arrive. Integer sums do not depend
-   on their order, so the counts are the same for any number of workers.
-   Memory per worker: one prompt's vectors (tokens × d_in float32) and activations (tokens × d_sae float32), the
-   task's occurrence matrix (its blocks × active features, sparse) and its counts, at most 12 bytes per nonzero
-   pair of co-occurring features: ≤ 12 · d_sae² bytes (3.2 GB at 16k features) in the worst case where every pair
-   co-occurs, typically far less since most features are silent. The SAE's weights (2 · d_in · d_sae float32) are
-   loaded once per worker process.
+1. **Counting** (distributed): each Dask task takes a range of prompts, encodes their vectors at the layer with
+   the SAE, marks which features occur in which block (`block_occurrence`) and adds the exact integer counts
+   Oᵀ O of its blocks into one dense int32 (feature, feature) matrix (`cooccurrence_counts`), which it returns;
+   the client adds those into an int64 total as they arrive and releases each task's result at once. Integer
+   sums do not depend on their order, so the counts are the same for any number of workers.
+   Memory per worker, whatever the corpus size: the task's counts, 4 · d_sae² bytes (1 GiB at 16k features),
+   plus the float32 scratch of one product band, 4 · d_sae · 2048 bytes (128 MiB), plus up to FLUSH_BLOCKS
+   blocks of occurrences and one prompt's vectors and activations (tokens × d_sae float32: 64 MiB for 1024 tokens
+   at 16k), plus the SAE's weights (2 · d_in · d_sae float32, loaded once per worker process). Dense counts,
+   because with 256-token blocks a 16k-feature SAE's co-occurrence matrix is mostly nonzero (bench/sae.py:
+   ~65 %), where sparse storage would cost 12 bytes per pair. The client holds the int64 total (8 · d_sae²) and
+   one arriving result (4 · d_sae²): 3 GiB at 16k.
 2. **Analysis** (on the client): affinities, their spectra and lobes, lobe-vs-geometry tests and galaxy spectra.
    It holds a few dense (feature, feature) float64 matrices at once: ~5 · 8 · d_sae² bytes (10 GB at 16k
    features), so run it where that fits.
@@ -40,8 +43,10 @@ from ..store.sae_results import create_sae_results_store, finish_sae_results_sto
 from .files import CFG_FILE, WEIGHTS_FILE, encode, load_sae
 from .layer import StoreLayer
 
-#: Prompts per counting task: enough work per task to hide the scheduling cost, few enough to balance workers.
+#: Fewest prompts per counting task: enough work per task to hide the scheduling cost.
 PROMPTS_PER_TASK = 4
+#: Blocks of occurrences gathered before one counting product (bounds that buffer, amortises the product).
+FLUSH_BLOCKS = 256
 
 
 @dataclass(frozen=True)
@@ -91,45 +96,61 @@ def _worker_sae(directory: str, d_model: int, weights_sha256: str):
 
 def count_task(store: str, layer: int, prompts: list, sae_dir: str, weights_sha256: str, threshold: float,
                block: int) -> tuple:
-    """Counts of one group of prompts: (number of blocks, (feature, feature) int64 CSR co-occurrence counts)."""
-    from ..summarize.tasks import _one_thread
+    """Counts of a range of prompts: (number of blocks, (feature, feature) int32 co-occurrence counts)."""
+    from ..summarize.tasks import _task_settings
 
-    with _one_thread():
+    with _task_settings():
         source = StoreLayer(store, layer)
         sae = _worker_sae(sae_dir, source.d_model, weights_sha256)
-        occurrences = []
-        for p in prompts:
+        counts = np.zeros((sae.d_sae, sae.d_sae), dtype=np.int32)
+        pending, n_pending, n_blocks = [], 0, 0
+        for i, p in enumerate(prompts):
             vectors, special = source.slab(p)
-            occurrences.append(block_occurrence(encode(sae, vectors), len(vectors), special, threshold, block))
-        occurrence = sp.vstack(occurrences, format="csr") if occurrences else sp.csr_matrix((0, sae.d_sae))
-        return occurrence.shape[0], cooccurrence_counts(occurrence)
+            occurrence = block_occurrence(encode(sae, vectors), len(vectors), special, threshold, block)
+            pending.append(occurrence)
+            n_pending += occurrence.shape[0]
+            if n_pending >= FLUSH_BLOCKS or i == len(prompts) - 1:  # one matrix product for many blocks
+                cooccurrence_counts(sp.vstack(pending, format="csr"), out=counts)
+                n_blocks += n_pending
+                pending, n_pending = [], 0
+        return n_blocks, counts
+
+
+def _task_prompts(prompts: list, n_workers: int) -> list:
+    """Prompts split into contiguous ranges: ~4 tasks per worker (balance), each ≥ PROMPTS_PER_TASK prompts
+    (every task returns a d_sae² matrix, so fewer tasks move less data)."""
+    size = max(PROMPTS_PER_TASK, -(-len(prompts) // (4 * n_workers)))
+    return [prompts[i:i + size] for i in range(0, len(prompts), size)]
 
 
 def count_cooccurrence(client, settings: CooccurrenceSettings, source: StoreLayer, sae_id: dict) -> tuple:
-    """Stage 1 on the Dask ``client``: (n_blocks, summed (feature, feature) int64 CSR counts)."""
+    """Stage 1 on the Dask ``client``: (n_blocks, summed (feature, feature) int64 counts)."""
     from distributed import as_completed
 
-    prompts = [int(p) for p in source.prompts]
-    groups = [prompts[i:i + PROMPTS_PER_TASK] for i in range(0, len(prompts), PROMPTS_PER_TASK)]
+    n_workers = len(client.scheduler_info()["workers"])
+    groups = _task_prompts([int(p) for p in source.prompts], n_workers)
     futures = client.map(count_task, [settings.store] * len(groups), [settings.layer] * len(groups), groups,
                          sae_dir=settings.sae, weights_sha256=sae_id["weights_sha256"],
                          threshold=settings.threshold, block=settings.block, pure=False)
-    n_tokens = int(source.n_tokens[source.prompts].sum())
-    _log(f"sae cooccurrence: counting {len(prompts)} prompts ({n_tokens} tokens) in {len(groups)} tasks on "
-         f"{len(client.scheduler_info()['workers'])} workers")
     tokens_of = {f.key: int(source.n_tokens[g].sum()) for f, g in zip(futures, groups)}
-    n_blocks, counts = 0, sp.csr_matrix((sae_id["d_sae"], sae_id["d_sae"]), dtype=np.int64)
+    n_tokens = sum(tokens_of.values())
+    _log(f"sae cooccurrence: counting {len(source.prompts)} prompts ({n_tokens} tokens) in {len(groups)} tasks "
+         f"on {n_workers} workers")
+    arriving = as_completed(futures, with_results=True)
+    del futures  # each result is released as soon as it is added: workers do not keep finished counts
+    n_blocks, counts = 0, np.zeros((sae_id["d_sae"], sae_id["d_sae"]), dtype=np.int64)
     t0 = last = time.monotonic()
     done_tokens = 0
-    for future, (blocks, task_counts) in as_completed(futures, with_results=True):
+    for future, (blocks, task_counts) in arriving:
         n_blocks += blocks
-        counts = counts + task_counts
+        counts += task_counts
         done_tokens += tokens_of[future.key]
+        future.release()
+        del task_counts
         now = time.monotonic()
         if now - last >= 5 or done_tokens == n_tokens:
             last = now
             _log(f"sae cooccurrence: {done_tokens}/{n_tokens} tokens, {done_tokens / (now - t0):.0f} tokens/s")
-    counts.sort_indices()
     return n_blocks, counts
 
 
@@ -151,7 +172,8 @@ def _galaxy(clouds: dict, seed: int) -> dict:
     The fit range is `default_fit_range` of the cloud's spectrum; the isotropic slope uses the same ranks.
     """
     width = max(X.shape[1] for X in clouds.values())
-    out = {name: np.full((len(clouds), width), np.nan) for name in ("galaxy_eigenvalues", "galaxy_isotropic_eigenvalues")}
+    out = {name: np.full((len(clouds), width), np.nan)
+           for name in ("galaxy_eigenvalues", "galaxy_isotropic_eigenvalues")}
     out.update({name: np.full(len(clouds), np.nan) for name in ("galaxy_slope", "galaxy_isotropic_slope")})
     out.update({name: np.full(len(clouds), -1, dtype=np.int64) for name in ("galaxy_fit_first", "galaxy_fit_last")})
     for i, X in enumerate(clouds.values()):
@@ -214,8 +236,8 @@ def analyse_and_write(settings: CooccurrenceSettings, source: StoreLayer, sae, s
     partial, group = create_sae_results_store(settings.out, d_sae=sae.d_sae, clusters=settings.clusters,
                                               galaxy_width=galaxy["galaxy_eigenvalues"].shape[1], attrs=attrs)
     group["n_blocks"][...] = n_blocks
-    write_rows(group["cooccurrence"], counts)
-    occurring = counts.diagonal() > 0
+    group["cooccurrence"][...] = counts
+    occurring = np.diagonal(counts) > 0
     for i, metric in enumerate(AFFINITIES):
         t0 = time.monotonic()
         A = affinity(counts, n_blocks, metric)
@@ -227,12 +249,6 @@ def analyse_and_write(settings: CooccurrenceSettings, source: StoreLayer, sae, s
     for name, values in galaxy.items():
         group[name][...] = values
     finish_sae_results_store(partial, settings.out)
-
-
-def write_rows(array, counts, rows_per_write: int = 1024):
-    """Write sparse (feature, feature) counts into a dense zarr array, a band of rows at a time (bounded memory)."""
-    for start in range(0, counts.shape[0], rows_per_write):
-        array[start:start + rows_per_write] = counts[start:start + rows_per_write].toarray()
 
 
 def check_inputs(settings: CooccurrenceSettings) -> tuple:
@@ -256,7 +272,8 @@ def run_cooccurrence(settings: CooccurrenceSettings, client, checked: tuple) -> 
     if n_blocks == 0:
         raise UserError(f"no prompt of {settings.store} has {settings.block} tokens: no complete block to count; "
                         f"pass a smaller --block")
-    _log(f"sae cooccurrence: {n_blocks} blocks of {settings.block} tokens, {counts.nnz} co-occurring pairs "
+    _log(f"sae cooccurrence: {n_blocks} blocks of {settings.block} tokens, {np.count_nonzero(counts)} "
+         f"co-occurring pairs "
          f"({time.monotonic() - t0:.1f} s)")
     analyse_and_write(settings, source, sae, sae_id, n_blocks, counts)
     _log(f"sae cooccurrence: complete: {settings.out} ({time.monotonic() - t0:.1f} s)")

@@ -143,7 +143,8 @@ def _input_scale(layer: StoreLayer, prompts) -> tuple:
 def evaluate_sae(sae, layer: StoreLayer) -> dict:
     """Explained variance and dead features of an SAE on every non-special token of the layer (one pass).
 
-    explained_variance = 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖² over the tokens (float64 sums), x̂ = encode(x) W_dec + b_dec;
+    explained_variance = 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖² over the tokens (float64 sums),
+    x̂ = encode(x) W_dec + b_dec;
     a feature is dead when its activation is 0 on every token. Returns a dict with those, the token count and
     the mean number of active features per token (L0).
     """

@@ -33,7 +33,8 @@ VARIABLES = {
     "affinity_spectrum": (("metric", "eig"), "float64",
                           "eigenvalues of the affinity over features whose self-affinity is defined, largest "
                           "first; NaN for the others"),
-    "lobe": (("metric", "n_clusters", "feature"), "int64", "spectral-clustering lobe (-1: not clustered: never occurs or no positive affinity)"),
+    "lobe": (("metric", "n_clusters", "feature"), "int64",
+             "spectral-clustering lobe (-1: not clustered: never occurs or no positive affinity)"),
     "lobe_ami": (("metric", "n_clusters"), "float64",
                  "adjusted mutual information of lobes and k-means clusters of unit decoder directions"),
     "lobe_ami_null_mean": (("metric", "n_clusters"), "float64", "lobe_ami with permuted lobe labels: mean"),
