@@ -5,7 +5,7 @@ Two stages:
 1. **Counting** (distributed): each Dask task takes a range of prompts, encodes their vectors at the layer with
    the SAE, marks which features occur in which block (`block_occurrence`) and adds the exact integer counts
    Oᵀ O of its blocks into one dense int32 (feature, feature) matrix (`cooccurrence_counts`), which it returns;
-   the client adds those into an int64 total as they arrive and releases each task's result at once. Integer
+   the client fetches them one at a time, adds each into an int64 total and releases it at once. Integer
    sums do not depend on their order, so the counts are the same for any number of workers.
    Memory per worker, whatever the corpus size: the task's counts, 4 · d_sae² bytes (1 GiB at 16k features),
    plus the float32 scratch of one product band, 4 · d_sae · 2048 bytes (128 MiB), plus up to FLUSH_BLOCKS
@@ -117,9 +117,9 @@ def count_task(store: str, layer: int, prompts: list, sae_dir: str, weights_sha2
 
 
 def _task_prompts(prompts: list, n_workers: int) -> list:
-    """Prompts split into contiguous ranges: ~4 tasks per worker (balance), each ≥ PROMPTS_PER_TASK prompts
+    """Prompts split into contiguous ranges: ~2 tasks per worker (some balance), each ≥ PROMPTS_PER_TASK prompts
     (every task returns a d_sae² matrix, so fewer tasks move less data)."""
-    size = max(PROMPTS_PER_TASK, -(-len(prompts) // (4 * n_workers)))
+    size = max(PROMPTS_PER_TASK, -(-len(prompts) // (2 * n_workers)))
     return [prompts[i:i + size] for i in range(0, len(prompts), size)]
 
 
@@ -136,12 +136,13 @@ def count_cooccurrence(client, settings: CooccurrenceSettings, source: StoreLaye
     n_tokens = sum(tokens_of.values())
     _log(f"sae cooccurrence: counting {len(source.prompts)} prompts ({n_tokens} tokens) in {len(groups)} tasks "
          f"on {n_workers} workers")
-    arriving = as_completed(futures, with_results=True)
+    arriving = as_completed(futures)
     del futures  # each result is released as soon as it is added: workers do not keep finished counts
     n_blocks, counts = 0, np.zeros((sae_id["d_sae"], sae_id["d_sae"]), dtype=np.int64)
     t0 = last = time.monotonic()
     done_tokens = 0
-    for future, (blocks, task_counts) in arriving:
+    for future in arriving:
+        blocks, task_counts = future.result()  # one result at a time on the client: bounded memory
         n_blocks += blocks
         counts += task_counts
         done_tokens += tokens_of[future.key]

@@ -86,9 +86,12 @@ def summarize(store: str, out: str, params: SummarizeParams, client, groups) -> 
 
     t0 = last = time.monotonic()
     futures = client.map(prompt_task, [store] * len(todo), todo, params=params, pure=False)
-    for i, (_, (prompt, values)) in enumerate(as_completed(futures, with_results=True), start=1):
+    arriving = as_completed(futures, with_results=True)
+    del futures  # a result is released once written: workers never keep finished results (--save-knn is large)
+    for i, (future, (prompt, values)) in enumerate(arriving, start=1):
         # loss too: the copy made at creation lacks the prompts extracted since (a resumed partial store)
         write_prompt_results(results, prompt, dict(values, loss=source_loss[prompt]))
+        future.release()
         now = time.monotonic()
         if now - last >= 5 or i == len(todo):
             last = now
