@@ -15,6 +15,7 @@ from dadapy import Data
 from toolkit.observables import (
     anisotropy,
     cosine_stats,
+    first_occurrences,
     gaussian_kl_divergence,
     gride_ranks,
     gride_scaling,
@@ -188,6 +189,40 @@ def test_sorted_neighbors_of_a_continuous_cloud():
     assert np.all(np.diff(distances, axis=1) >= 0)
 
 
+def test_sorted_neighbors_distance_table_wider_or_narrower_than_the_index_table():
+    grid = np.array([(a, b, c) for a in range(5) for b in range(5) for c in range(4)], dtype=np.float64)
+    grid = np.vstack([grid, grid[[57, 57, 3]]])  # duplicates: zeros besides self in some rows
+    D = brute_distances(grid)
+    n = len(grid)
+    off_diagonal = np.sort(D[~np.eye(n, dtype=bool)].reshape(n, n - 1), axis=1)  # each row without self
+    for k, k_distances in [(5, 60), (7, 2), (1, n - 1), (n - 1, 1)]:
+        indices, distances = sorted_neighbors(D, k, k_distances)
+        np.testing.assert_array_equal(indices, brute_neighbors(D, k))
+        np.testing.assert_array_equal(distances, off_diagonal[:, :k_distances])
+    with pytest.raises(ValueError):
+        sorted_neighbors(D, 3, n)
+    D[4, 4] = 1.0
+    with pytest.raises(ValueError):  # not a distance matrix: self would not be the smallest entry
+        sorted_neighbors(D, 3)
+
+
+def test_first_occurrences_and_zero_distances_mark_exact_copies():
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(60, 20)).astype(np.float32)
+    X[[9, 30, 31]] = X[2]
+    X[40] = X[5]
+    X[41] = X[6]
+    X[41, 3] = np.nextafter(X[6, 3], np.float32(np.inf))  # one bit apart: distinct
+    X[50, 0], X[51, 0] = 0.0, -0.0  # equal as vectors once the other entries agree
+    X[51] = np.where(np.arange(20) == 0, X[51], X[50])
+    keep = first_occurrences(X)
+    np.testing.assert_array_equal(keep, [i for i in range(60) if i not in (9, 30, 31, 40, 51)])
+    D = pairwise_distances(X)
+    equal = np.array([[np.array_equal(a, b) for b in X] for a in X])
+    np.testing.assert_array_equal(D == 0, equal)  # exactly 0 for copies, and only for them
+    assert D[41, 6] > 0
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Intrinsic dimension: GRIDE and TwoNN against dadapy
 
@@ -318,10 +353,10 @@ def test_nn_cosine_brute_force_and_planted():
     for i in range(len(X)):
         a, b = X64[indices[i, 0]] - X64[i], X64[indices[i, 1]] - X64[i]
         cosines.append(a @ b / math.sqrt((a @ a) * (b @ b)))
-    np.testing.assert_allclose(nn_cosine(X, indices), np.mean(cosines), rtol=1e-12)
+    np.testing.assert_allclose(nn_cosine(pairwise_distances(X), indices), np.mean(cosines), rtol=1e-12)
     # Geometric line: both neighbours on the same side (cos = +1) except for point 1 (cos = -1).
     line = geometric_line(8)
-    np.testing.assert_allclose(nn_cosine(line, neighbors(line, 2)[0]), 6 / 8, rtol=1e-9)
+    np.testing.assert_allclose(nn_cosine(pairwise_distances(line), neighbors(line, 2)[0]), 6 / 8, rtol=1e-9)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -343,8 +378,21 @@ def test_cosine_stats_and_norm_mean(offset):
     np.testing.assert_allclose([mean, std], [ref_mean, ref_std], rtol=1e-9)
     if offset:
         assert mean > 0.99 and std < 0.01
+    np.testing.assert_allclose(cosine_stats(X, pairwise_distances(X)), [ref_mean, ref_std], rtol=1e-9)
     X64 = X.astype(np.float64)
     np.testing.assert_allclose(norm_mean(X), np.mean([math.sqrt(x @ x) for x in X64]), rtol=1e-12)
+
+
+def test_cosine_stats_from_distances_with_a_far_outlier():
+    # Hidden states have a first token with a norm ~100 times the others' (attention sink): the law of
+    # cosines then works with distances ~100 times the norms of most points.
+    X = linear_manifold(200, 20, offset=30.0, noise=0.5)
+    X[0] *= 100.0
+    reference = brute_cosine_stats(X)
+    np.testing.assert_allclose(cosine_stats(X, pairwise_distances(X)), reference, rtol=1e-9)
+    np.testing.assert_allclose(cosine_stats(X), reference, rtol=1e-9)
+    with pytest.raises(ValueError):
+        cosine_stats(X, pairwise_distances(X[:50]))
 
 
 def exact_anisotropy(X):

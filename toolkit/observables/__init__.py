@@ -2,13 +2,18 @@
 
 Typical order for one (prompt, layer) cloud::
 
-    X, n = unique_rows(hidden)                       # ids and neighbour statistics need distinct points
-    indices, distances = sorted_neighbors(pairwise_distances(X), min(300, n - 1))
-    ids, errs, scales = gride_scaling(distances)     # at ranks gride_ranks(n)
+    D = pairwise_distances(X)                          # exact float64: one matrix serves everything below
+    indices, distances = sorted_neighbors(D, 32, 256)  # stable 32-NN table, sorted distances to the 256 nearest
+    overlap = neighborhood_overlap(indices, indices_of_the_next_layer)
+    # ids and neighbour statistics need distinct points; where X has duplicates (distances[:, 0] == 0):
+    #     keep = first_occurrences(X); D = D[np.ix_(keep, keep)]; indices, distances = sorted_neighbors(D, 2, 256)
+    ids, errs, scales = gride_scaling(distances)       # at ranks gride_ranks(number of distinct points)
     twonn = twonn_id(distances)
+    reciprocity, nn_cos = nn_reciprocity(indices), nn_cosine(D, indices)
+    mean, std = cosine_stats(X, D)
 """
 
-from .distances import pairwise_distances, sorted_neighbors, unique_rows
+from .distances import first_occurrences, pairwise_distances, sorted_neighbors, unique_rows
 from .divergence import gaussian_kl_divergence, knn_kl_divergence
 from .global_shape import anisotropy, cosine_stats, norm_mean
 from .intrinsic_dimension import gride_ranks, gride_scaling, twonn_id
@@ -17,6 +22,7 @@ from .neighborhoods import neighborhood_overlap, nn_cosine, nn_reciprocity
 __all__ = [
     "anisotropy",
     "cosine_stats",
+    "first_occurrences",
     "gaussian_kl_divergence",
     "gride_ranks",
     "gride_scaling",
@@ -36,6 +42,7 @@ __all__ = [
 from .cooccurrence import (
     AFFINITIES,
     affinities,
+    affinity,
     affinity_spectrum,
     block_occurrence,
     cooccurrence_counts,
@@ -47,6 +54,7 @@ from .lobes import direction_clusters, lobe_ami, lobe_logreg_accuracy
 __all__ += [
     "AFFINITIES",
     "affinities",
+    "affinity",
     "affinity_spectrum",
     "block_occurrence",
     "cooccurrence_counts",

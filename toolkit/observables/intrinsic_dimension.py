@@ -65,11 +65,11 @@ def gride_scaling(distances, range_max=256):
     q95, q50 = np.percentile(mus, [95, 50], axis=0)
     kept = mus < 20 * (q95 - q50) + q50  # drops mu's from near-overlapping points
     n_kept = kept.sum(axis=0)
+    kept_log_mus = np.where(kept, log_mus, 0.0)
 
     def neg_dloglik(d):  # (scale,) -> (scale,): minus the derivative of the log-likelihood in d
-        one_minus = np.maximum(1.0 - mus ** -d, 2 * _ID_PRECISION)
-        terms = ((1 - n1) / one_minus + n2 - 1.0) * log_mus
-        return np.where(kept, terms, 0.0).sum(axis=0) - (n_kept - 1) / d
+        one_minus = np.maximum(1.0 - np.exp(-d * log_mus), 2 * _ID_PRECISION)  # mu^-d; exp is cheaper than **
+        return (((1 - n1) / one_minus + n2 - 1.0) * kept_log_mus).sum(axis=0) - (n_kept - 1) / d
 
     lo = np.full(n2.size, _ID_MIN)
     hi = np.full(n2.size, _ID_MAX)
@@ -84,7 +84,7 @@ def gride_scaling(distances, range_max=256):
     ids = (lo + hi) / 2
 
     # Fisher information of the likelihood on all points (dadapy does not filter here).
-    mu_d = mus ** -ids
+    mu_d = mus ** -ids  # as dadapy: near mu = 1 the ratio below magnifies the last bits of mu^-d
     one_minus = np.maximum(1.0 - mu_d, 5 * _EPS)
     fisher = n / ids**2 + ((n1 - 1) * (log_mus / one_minus) ** 2 * mu_d).sum(axis=0)
     return ids, fisher**-0.5, scales

@@ -34,12 +34,12 @@ import scipy.sparse as sp
 
 from .. import __version__
 from ..errors import UserError
-from ..observables import (AFFINITIES, affinity_spectrum, block_occurrence, cooccurrence_counts,
+from ..observables import (AFFINITIES, affinity, affinity_spectrum, block_occurrence, cooccurrence_counts,
                            covariance_spectrum, default_fit_range, isotropic_reference, lobe_ami,
                            lobe_logreg_accuracy, power_law_slope, spectral_lobes)
-from ..observables.cooccurrence import affinity
 from ..store.activations import source_identity
 from ..store.sae_results import create_sae_results_store, finish_sae_results_store
+from ..summarize.cluster import task_settings
 from .files import CFG_FILE, WEIGHTS_FILE, encode, load_sae
 from .layer import StoreLayer
 
@@ -97,9 +97,7 @@ def _worker_sae(directory: str, d_model: int, weights_sha256: str):
 def count_task(store: str, layer: int, prompts: list, sae_dir: str, weights_sha256: str, threshold: float,
                block: int) -> tuple:
     """Counts of a range of prompts: (number of blocks, (feature, feature) int32 co-occurrence counts)."""
-    from ..summarize.tasks import _task_settings
-
-    with _task_settings():
+    with task_settings():
         source = StoreLayer(store, layer)
         sae = _worker_sae(sae_dir, source.d_model, weights_sha256)
         counts = np.zeros((sae.d_sae, sae.d_sae), dtype=np.int32)

@@ -42,16 +42,27 @@ def empty_prompt_results(params, n_layers: int, width: int) -> dict:
     return out
 
 
+def _distance_columns(params, n_unique: int, gride: bool) -> int:
+    """Sorted neighbour distances read in a cloud of n_unique distinct points: TwoNN's first two and, with
+    gride, GRIDE's up to its largest rank (capped at gride_maxk, as dadapy's maxk)."""
+    ranks = obs.gride_ranks(n_unique, params.gride_range_max) if gride else ()
+    return min(max(2, *ranks), max(params.gride_maxk, 2), n_unique - 1)
+
+
 def prompt_observables(layers, params, n_layers: int, width: int) -> dict:
     """All per-(prompt, layer) observables of one prompt.
 
     layers: iterable of (token, dim) arrays, layer 0 first (the prompt's n_tokens vectors at each layer).
     Overlap at layer l compares layers l and l+1 on all points (self excluded, ties to the lower index);
     GRIDE, TwoNN and the nearest-neighbour statistics use the cloud with exact duplicates removed
-    (``n_unique`` points). Returns name → array, NaN where a cloud is too small for an observable.
+    (``n_unique`` points). One distance matrix per cloud serves every observable (the de-duplicated cloud's
+    is a submatrix of it). Returns name → array, NaN where a cloud is too small for an observable.
     """
     out = empty_prompt_results(params, n_layers, width)
     ks = params.ks
+    need_knn = params.wants("overlap") or params.save_knn
+    dedup = params.wants("gride") or params.wants("twonn") or params.wants("reciprocity")
+    k_unique = 2 if params.wants("reciprocity") else 1  # neighbours in the index table of distinct points
     previous = None
     for layer, X in enumerate(layers):
         X = np.asarray(X, dtype=np.float64)
@@ -59,44 +70,40 @@ def prompt_observables(layers, params, n_layers: int, width: int) -> dict:
         if n < 3:
             continue
         D = obs.pairwise_distances(X)
-        dedup = params.wants("gride") or params.wants("twonn") or params.wants("reciprocity")
-        Xu, n_unique = obs.unique_rows(X) if dedup else (X, n)
-        k_unique = min(max(params.gride_maxk, 2), n_unique - 1)
-        need_knn = params.wants("overlap") or params.save_knn
-        unique_table = None
+        if need_knn or dedup:
+            # One table for everything; redone below on the distinct points only where there are duplicates.
+            k = min(params.overlap_k, n - 1) if need_knn else 0
+            columns = _distance_columns(params, n, params.wants("gride")) if dedup else 0
+            idx, dist = obs.sorted_neighbors(D, max(k, k_unique), max(k, k_unique, columns))
         if need_knn:
-            k = min(params.overlap_k, n - 1)
-            if dedup and n_unique == n and n_unique >= 3:
-                # no duplicates: one stable sort serves both tables (its first k columns are the k-table)
-                unique_table = obs.sorted_neighbors(D, max(k, k_unique))
-                idx, dist = unique_table[0][:, :k], unique_table[1][:, :k]
-            else:
-                idx, dist = obs.sorted_neighbors(D, k)
             if params.wants("overlap") and previous is not None:
-                valid = ks[ks <= idx.shape[1]]
-                out["overlap"][layer - 1, : len(valid)] = obs.neighborhood_overlap(previous, idx, valid)
-            previous = idx
+                valid = ks[ks <= k]
+                out["overlap"][layer - 1, : len(valid)] = obs.neighborhood_overlap(previous, idx[:, :k], valid)
+            previous = idx[:, :k]
             if params.save_knn:
-                out["knn_index"][layer, :n, : idx.shape[1]] = idx
-                out["knn_distance"][layer, :n, : idx.shape[1]] = dist
+                out["knn_index"][layer, :n, :k] = idx[:, :k]
+                out["knn_distance"][layer, :n, :k] = dist[:, :k]
         if dedup:
+            Du, n_unique = D, n
+            if not dist[:, 0].all():  # a zero nearest-neighbour distance: duplicates (D == 0 only for copies)
+                keep = obs.first_occurrences(X)
+                Du, n_unique = D[np.ix_(keep, keep)], keep.size
+                if n_unique >= 3:
+                    columns = _distance_columns(params, n_unique, params.wants("gride"))
+                    idx, dist = obs.sorted_neighbors(Du, k_unique, columns)
             if "n_unique" in out:
                 out["n_unique"][layer] = n_unique
             if n_unique >= 3:
-                if unique_table is None:
-                    Du = D if n_unique == n else obs.pairwise_distances(Xu)
-                    unique_table = obs.sorted_neighbors(Du, k_unique)
-                iu, du = unique_table[0][:, :k_unique], unique_table[1][:, :k_unique]
                 if params.wants("reciprocity"):  # on distinct points: a duplicate's twin is no neighbour
-                    out["nn_reciprocity"][layer] = obs.nn_reciprocity(iu)
-                    out["nn_cosine"][layer] = obs.nn_cosine(Xu, iu)
+                    out["nn_reciprocity"][layer] = obs.nn_reciprocity(idx)
+                    out["nn_cosine"][layer] = obs.nn_cosine(Du, idx)
                 if params.wants("gride"):
                     _place_gride(out["gride_id"][layer], out["gride_err"][layer], out["gride_scale"][layer],
-                                 params.n2, du, n_unique, params.gride_range_max)
+                                 params.n2, dist, n_unique, params.gride_range_max)
                 if params.wants("twonn"):
-                    out["twonn_id"][layer] = obs.twonn_id(du)
+                    out["twonn_id"][layer] = obs.twonn_id(dist)
         if params.wants("cosine"):
-            out["cosine_mean"][layer], out["cosine_std"][layer] = obs.cosine_stats(X)
+            out["cosine_mean"][layer], out["cosine_std"][layer] = obs.cosine_stats(X, D)
         if params.wants("anisotropy"):
             out["anisotropy"][layer] = obs.anisotropy(X, tol=params.anisotropy_tol)
         if params.wants("norm"):
@@ -125,7 +132,7 @@ def group_observables(pools: dict, params) -> dict:
     for i, g in enumerate(names):
         Xu = unique[g]
         if params.wants("group_gride") and len(Xu) >= 3:
-            _, du = obs.sorted_neighbors(obs.pairwise_distances(Xu), min(params.gride_maxk, len(Xu) - 1))
+            _, du = obs.sorted_neighbors(obs.pairwise_distances(Xu), 1, _distance_columns(params, len(Xu), True))
             _place_gride(out["group_gride_id"][i], out["group_gride_err"][i], out["group_gride_scale"][i],
                          params.n2, du, len(Xu), params.gride_range_max)
         if params.wants("group_anisotropy") and len(pools[g]) >= 2:

@@ -1,12 +1,51 @@
-"""Where the Dask workers come from: a local cluster, the MPI ranks of this job (dask-mpi), or an address."""
+"""Where the Dask workers come from (a local cluster, the MPI ranks of this job, or an address), and how tasks
+run on them."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import logging
 import os
 
 from ..errors import UserError
+
+# glibc mallopt parameters (malloc.h) and the largest mmap threshold it accepts on 64-bit systems.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 * 2**20
+
+
+@functools.cache
+def _glibc_malloc():
+    """The C library loaded in this process if it is glibc (it has mallopt and malloc_trim), else None."""
+    libc = ctypes.CDLL(None)
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+@contextlib.contextmanager
+def task_settings():
+    """Run a task on a Dask worker process: one BLAS thread, and an allocator that reuses freed memory in it.
+
+    Workers are processes with one thread each: BLAS must not start more on a shared node. Dask's nanny starts
+    workers with MALLOC_TRIM_THRESHOLD_=65536, which also pins glibc's mmap threshold at 128 KiB: every
+    (token, token) matrix is then mapped afresh and unmapped when freed, and the page faults cost about half
+    as much again as the arithmetic (~2 s of system time per 1024-token prompt). So the worker process (the
+    setting is process-wide and stays) takes arrays up to 32 MiB from its heap, keeps freed memory while a
+    task runs, and hands it back to the system after each task (malloc_trim).
+    """
+    from threadpoolctl import threadpool_limits
+
+    libc = _glibc_malloc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2**30)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        if libc is not None:
+            libc.malloc_trim(0)
 
 
 @contextlib.contextmanager

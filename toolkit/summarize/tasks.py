@@ -10,18 +10,12 @@ import numpy as np
 
 from ..store.activations import open_activation_group
 from .cloud import group_observables, prompt_observables
-
-
-def _one_thread():
-    """Workers are processes with one thread each: keep BLAS from starting more on a shared node."""
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(1)
+from .cluster import task_settings
 
 
 def prompt_task(store: str, prompt: int, params) -> tuple:
     """Observables of one prompt: (prompt, name → array without the prompt dim)."""
-    with _one_thread():
+    with task_settings():
         group = open_activation_group(store)
         hidden = group["hidden"]
         n = int(group["n_tokens"][prompt])
@@ -54,7 +48,7 @@ def group_members(labels: np.ndarray, n_tokens: np.ndarray, done: np.ndarray, pa
 
 def group_task(store: str, layer: int, members: dict, params) -> tuple:
     """Group observables at one layer: (layer, name → (group, …) array)."""
-    with _one_thread():
+    with task_settings():
         hidden = open_activation_group(store)["hidden"]
         pools = {}
         for value, pairs in members.items():
