@@ -17,7 +17,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from ..observables import AFFINITIES
-from .zarr_io import consolidate, open_repgeo_group, quiet_zarr, write_1d
+from .zarr_io import consolidate, quiet_zarr, write_1d
 
 KIND = "sae_cooccurrence"
 SCHEMA_VERSION = "1.0"
@@ -82,7 +82,3 @@ def finish_sae_results_store(partial: str, path: str):
     """Consolidate the metadata of a fully written store and move it into place."""
     consolidate(partial)
     os.replace(partial, path)
-
-
-def open_sae_results_group(path: str, mode: str = "r") -> zarr.Group:
-    return open_repgeo_group(path, KIND, mode)
