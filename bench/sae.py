@@ -41,26 +41,17 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from common import extract_store, proc_status_bytes  # noqa: E402
 
 from toolkit.sae.cooccurrence import PROMPTS_PER_TASK  # noqa: E402
 
-REPGEO = os.path.join(ROOT, ".venv", "bin", "repgeo")
 THRESHOLD = 1.0
 #: Features firing per token (of the k active) that the synthetic SAE's scale aims at.
 FIRING = 16
 #: Prompts whose vectors set b_dec and the scale, and on which firing per token is measured.
 CALIBRATION_PROMPTS = 4
-
-
-def extract_store(texts, tokens, out, model):
-    """`repgeo extract` of ``texts`` cut to exactly ``tokens`` tokens, float16 storage (the default)."""
-    prompts = out + ".jsonl"
-    with open(prompts, "w", encoding="utf-8") as f:
-        for i, t in enumerate(texts):
-            f.write(json.dumps({"text": t, "doc": i}) + "\n")
-    subprocess.run([REPGEO, "extract", "--model", model, "--prompts", prompts, "--out", out, "--max-tokens",
-                    str(tokens), "--min-tokens", str(tokens), "--batch-size", "1"], check=True, capture_output=True,
-                   env=dict(os.environ, HF_HUB_OFFLINE="1"))
 
 
 def synthetic_sae(store, layer, d_sae, k, directory, seed=0) -> float:
@@ -98,12 +89,12 @@ def count_run(store, sae_dir, layer, workers, block):
                                     threshold=THRESHOLD, block=block)
     source, _, sae_id = check_inputs(settings)
     with local_client(workers) as client:
-        worker_start = client.run(rss_bytes, "VmRSS")
-        client_start = rss_bytes("VmRSS")
+        worker_start = client.run(proc_status_bytes, "VmRSS")
+        client_start = proc_status_bytes("VmRSS")
         t0 = time.perf_counter()
         n_blocks, counts = count_cooccurrence(client, settings, source, sae_id)
         seconds = time.perf_counter() - t0
-        worker_peak = client.run(rss_bytes, "VmHWM")
+        worker_peak = client.run(proc_status_bytes, "VmHWM")
     print(json.dumps({
         "seconds": seconds, "n_blocks": n_blocks, "n_tokens": int(source.n_tokens[source.prompts].sum()),
         "nnz": int(np.count_nonzero(counts)), "bytes": int(counts.nbytes),
@@ -111,19 +102,7 @@ def count_run(store, sae_dir, layer, workers, block):
         "occurring_per_block": float(np.diagonal(counts).sum() / max(n_blocks, 1)),
         "worker_start": [worker_start[a] for a in sorted(worker_start)],
         "worker_peak": [worker_peak[a] for a in sorted(worker_peak)],
-        "client_start": client_start, "client_peak": rss_bytes("VmHWM")}))
-
-
-def rss_bytes(field: str) -> int:
-    """This process's resident memory from /proc/self/status: "VmRSS" now, "VmHWM" its peak (Linux).
-
-    Not getrusage's ru_maxrss: that survives execve, so a process started by a big parent inherits its peak.
-    """
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
+        "client_start": client_start, "client_peak": proc_status_bytes("VmHWM")}))
 
 
 def one_task(store, sae_dir, layer, block) -> tuple:
@@ -156,10 +135,11 @@ def count_in_fresh_process(store, sae_dir, layer, workers, block) -> dict:
 def cli_in_fresh_process(store, sae_dir, layer, workers, block, out) -> dict:
     """The whole `repgeo sae cooccurrence` in a new interpreter: wall seconds, the seconds of its counting stage
     (from its log), and the peak RSS of its client process (bytes)."""
-    code = ("import time; from sae import rss_bytes; from toolkit.cli import main; t0 = time.perf_counter(); "
+    code = ("import time; from common import proc_status_bytes; from toolkit.cli import main; "
+            "t0 = time.perf_counter(); "
             f"rc = main(['sae', 'cooccurrence', '--store', {store!r}, '--sae', {sae_dir!r}, '--layer', '{layer}', "
             f"'--out', {out!r}, '--block', '{block}', '--workers', '{workers}']); "
-            "print(rc, time.perf_counter() - t0, rss_bytes('VmHWM'))")
+            "print(rc, time.perf_counter() - t0, proc_status_bytes('VmHWM'))")
     stdout, stderr = _in_fresh_process(code)
     rc, wall, peak = stdout.split()
     assert rc == "0", stderr
@@ -197,7 +177,7 @@ def main():
             store = os.path.join(tmp, "store.zarr")
             t0 = time.perf_counter()
             extract_store(long_texts(load_tokenizer(resolve_model(args.model)), args.prompts, args.tokens),
-                          args.tokens, store, args.model)
+                          args.tokens, store, args.model, "float16")
             print(f"extracted {args.prompts} x {args.tokens} tokens ({args.model}) in "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
         sae_dir = os.path.join(tmp, "sae")

@@ -37,7 +37,6 @@ repgeo's observables (one core), and the peak memory of one worker either way.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import subprocess
@@ -52,15 +51,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-REPGEO = os.path.join(ROOT, ".venv", "bin", "repgeo")
+from common import REPGEO, extract_store, proc_status_bytes  # noqa: E402
+
 OVERLAP_K = 32  # the study's overlap array has columns 0..31: knn = 1..31
 
 
 def peak_rss_mib() -> float:
-    """Peak RSS (MiB) of this process's own address space (VmHWM). Not ru_maxrss: Linux carries that across
-    exec, so a process started from this bench (which imports torch) would report the bench's size."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    """Peak RSS (MiB) of this process (VmHWM; see `proc_status_bytes`)."""
+    return proc_status_bytes("VmHWM") / 2**20
 
 
 def own_cpu_seconds() -> float:
@@ -130,16 +128,6 @@ def run_study(store, count, workers, out):
 
 # ------------------------------------------------------------------------------------------------------------
 # Timings
-
-
-def extract_store(texts, tokens, out, model):
-    prompts = out + ".jsonl"
-    with open(prompts, "w", encoding="utf-8") as f:
-        for i, t in enumerate(texts):
-            f.write(json.dumps({"text": t, "doc": i}) + "\n")
-    subprocess.run([REPGEO, "extract", "--model", model, "--prompts", prompts, "--out", out, "--dtype", "float32",
-                    "--max-tokens", str(tokens), "--min-tokens", str(tokens), "--batch-size", "1"], check=True,
-                   capture_output=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
 
 
 def children_cpu_seconds() -> float:
@@ -264,8 +252,8 @@ def main():
     texts = long_texts(load_tokenizer(resolve_model(args.model)), args.prompts, args.tokens)
     with tempfile.TemporaryDirectory() as tmp:
         small, large = os.path.join(tmp, "small.zarr"), os.path.join(tmp, "large.zarr")
-        extract_store(texts[: args.prompts_small], args.tokens, small, args.model)
-        extract_store(texts, args.tokens, large, args.model)
+        extract_store(texts[: args.prompts_small], args.tokens, small, args.model, "float32")
+        extract_store(texts, args.tokens, large, args.model, "float32")
 
         repgeo_runs, study_runs = ([], []), ([], [])  # (small, large): [(wall, cpu), ...]
         for r in range(args.repeats):
