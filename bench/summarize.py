@@ -15,8 +15,8 @@ On the same 1024-token SmolLM2 prompts (one float32 activation store) and the sa
       matrices, then a Python loop over tokens i that allocates two boolean flag arrays of length
       (maximum of the whole argsorted matrix) + 1, that maximum recomputed per matrix and per token, and an
       inner loop knn = 1..31 that flags the knn-th entry of row i in each array and stores (positions flagged
-      in both) / knn, counted with `np.count_nonzero` (the cheapest count: if anything, the study's own
-      count is slower); the result is the mean over tokens for each knn (column 0 stays 0).
+      in both) / knn, counted with `np.sum` as the study does; the result is the mean over tokens for each
+      knn (column 0 stays 0).
   Prompts are spread over processes with joblib `Parallel(n_jobs=2)` (loky: one BLAS thread per process),
   as the study's script parallelises over its files with `n_jobs=-1` (one process per core).
 - repgeo: `repgeo summarize --workers 2` with every per-prompt observable (GRIDE, TwoNN, overlap k = 1..32,
@@ -89,7 +89,7 @@ def study_overlap(D_a, D_b):
         for knn in range(1, OVERLAP_K):
             flags_a[order_a[i, knn]] = True
             flags_b[order_b[i, knn]] = True
-            overlaps[i, knn] = np.count_nonzero(flags_a & flags_b) / knn
+            overlaps[i, knn] = np.sum(flags_a & flags_b) / knn
     return overlaps.mean(axis=0)
 
 
@@ -176,16 +176,17 @@ def per_cloud_ms(store, prompt) -> dict:
         for layer in range(hidden.shape[1]):
             X32 = timed("read the slab (zarr, float32)", lambda: hidden[prompt, layer, :n])
             X = timed("float64 copy", lambda: X32.astype(np.float64))
-            D = timed("pairwise_distances", lambda: obs.pairwise_distances(X))
-            idx, dist = timed("sorted_neighbors k=32, 256 distances", lambda: obs.sorted_neighbors(D, 32, 256))
+            D2 = timed("squared_distances", lambda: obs.squared_distances(X))
+            idx, d2 = timed("sorted_neighbors k=32, 256 distances", lambda: obs.sorted_neighbors(D2, 32, 256))
+            dist = timed("square roots of the 256 distances", lambda: np.sqrt(d2))
             timed("gride_scaling", lambda: obs.gride_scaling(dist))
             timed("twonn_id", lambda: obs.twonn_id(dist))
             if previous is not None:
                 timed("neighborhood_overlap k=1..32", lambda: obs.neighborhood_overlap(previous, idx))
             previous = idx
-            timed("cosine_stats (from D)", lambda: obs.cosine_stats(X, D))
+            timed("cosine_stats (from D2)", lambda: obs.cosine_stats(X, D2))
             timed("anisotropy", lambda: obs.anisotropy(X))
-            timed("nn_reciprocity + nn_cosine", lambda: (obs.nn_reciprocity(idx), obs.nn_cosine(D, idx)))
+            timed("nn_reciprocity + nn_cosine", lambda: (obs.nn_reciprocity(idx), obs.nn_cosine(D2, idx)))
             timed("norm_mean", lambda: obs.norm_mean(X))
     return {name: (float(np.median(ms)), float(np.mean(ms))) for name, ms in timings.items()}
 

@@ -26,6 +26,7 @@ from toolkit.observables import (
     norm_mean,
     pairwise_distances,
     sorted_neighbors,
+    squared_distances,
     twonn_id,
     unique_rows,
 )
@@ -151,6 +152,9 @@ def test_pairwise_distances_exact_for_near_duplicates_far_from_origin():
     # that sum must be recomputed to stay below 1e-13 (the graded separations above span that range).
     np.testing.assert_allclose(D[off], reference[off], rtol=1e-13, atol=0)
     assert np.all(np.diagonal(D) == 0) and np.array_equal(D, D.T) and np.all(D >= 0)
+    D2 = squared_distances(X)
+    np.testing.assert_allclose(D2[off], reference[off] ** 2, rtol=2.5e-13, atol=0)
+    assert np.array_equal(np.sqrt(D2), D) and np.array_equal(D2, D2.T)
     # The planted pairs are the hard case: the plain Gram formula gets them wrong by orders of magnitude.
     sq = np.square(X).sum(axis=1)
     gram = np.sqrt(np.abs(sq[:, None] + sq[None, :] - 2 * X @ X.T))
@@ -187,6 +191,11 @@ def test_sorted_neighbors_of_a_continuous_cloud():
     indices, distances = sorted_neighbors(D, 40)
     np.testing.assert_array_equal(indices, brute_neighbors(D, 40))
     assert np.all(np.diff(distances, axis=1) >= 0)
+    # Squared distances order the neighbours the same way and give the squared values.
+    indices2, distances2 = sorted_neighbors(squared_distances(X), 40, 100)
+    np.testing.assert_array_equal(indices2, indices)
+    np.testing.assert_array_equal(np.sqrt(distances2[:, :40]), distances)
+    np.testing.assert_allclose(distances2, np.sort(brute_distances(X), axis=1)[:, 1:101] ** 2, rtol=2.5e-13)
 
 
 def test_sorted_neighbors_distance_table_wider_or_narrower_than_the_index_table():
@@ -221,6 +230,20 @@ def test_first_occurrences_and_zero_distances_mark_exact_copies():
     equal = np.array([[np.array_equal(a, b) for b in X] for a in X])
     np.testing.assert_array_equal(D == 0, equal)  # exactly 0 for copies, and only for them
     assert D[41, 6] > 0
+    # Copies have bitwise-equal rows and columns; the distinct rows' distances are those of X[keep].
+    assert np.array_equal(D[30], D[2]) and np.array_equal(D[:, 40], D[:, 5])
+    np.testing.assert_array_equal(D[np.ix_(keep, keep)], pairwise_distances(X[keep]))
+
+
+def test_first_occurrences_when_distinct_rows_share_a_hash(monkeypatch):
+    from toolkit.observables import distances
+
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(40, 8))
+    X[[7, 20, 33]] = X[3]
+    expected = [i for i in range(40) if i not in (7, 20, 33)]
+    monkeypatch.setattr(distances, "_row_hash", lambda rows: np.zeros(len(rows), dtype=np.uint64))
+    np.testing.assert_array_equal(first_occurrences(X), expected)  # every row collides: exact fallback
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -353,10 +376,10 @@ def test_nn_cosine_brute_force_and_planted():
     for i in range(len(X)):
         a, b = X64[indices[i, 0]] - X64[i], X64[indices[i, 1]] - X64[i]
         cosines.append(a @ b / math.sqrt((a @ a) * (b @ b)))
-    np.testing.assert_allclose(nn_cosine(pairwise_distances(X), indices), np.mean(cosines), rtol=1e-12)
+    np.testing.assert_allclose(nn_cosine(squared_distances(X), indices), np.mean(cosines), rtol=1e-12)
     # Geometric line: both neighbours on the same side (cos = +1) except for point 1 (cos = -1).
     line = geometric_line(8)
-    np.testing.assert_allclose(nn_cosine(pairwise_distances(line), neighbors(line, 2)[0]), 6 / 8, rtol=1e-9)
+    np.testing.assert_allclose(nn_cosine(squared_distances(line), neighbors(line, 2)[0]), 6 / 8, rtol=1e-9)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -378,7 +401,7 @@ def test_cosine_stats_and_norm_mean(offset):
     np.testing.assert_allclose([mean, std], [ref_mean, ref_std], rtol=1e-9)
     if offset:
         assert mean > 0.99 and std < 0.01
-    np.testing.assert_allclose(cosine_stats(X, pairwise_distances(X)), [ref_mean, ref_std], rtol=1e-9)
+    np.testing.assert_allclose(cosine_stats(X, squared_distances(X)), [ref_mean, ref_std], rtol=1e-9)
     X64 = X.astype(np.float64)
     np.testing.assert_allclose(norm_mean(X), np.mean([math.sqrt(x @ x) for x in X64]), rtol=1e-12)
 
@@ -389,10 +412,10 @@ def test_cosine_stats_from_distances_with_a_far_outlier():
     X = linear_manifold(200, 20, offset=30.0, noise=0.5)
     X[0] *= 100.0
     reference = brute_cosine_stats(X)
-    np.testing.assert_allclose(cosine_stats(X, pairwise_distances(X)), reference, rtol=1e-9)
+    np.testing.assert_allclose(cosine_stats(X, squared_distances(X)), reference, rtol=1e-9)
     np.testing.assert_allclose(cosine_stats(X), reference, rtol=1e-9)
     with pytest.raises(ValueError):
-        cosine_stats(X, pairwise_distances(X[:50]))
+        cosine_stats(X, squared_distances(X[:50]))
 
 
 def exact_anisotropy(X):

@@ -2,18 +2,19 @@
 
 Typical order for one (prompt, layer) cloud::
 
-    D = pairwise_distances(X)                          # exact float64: one matrix serves everything below
-    indices, distances = sorted_neighbors(D, 32, 256)  # stable 32-NN table, sorted distances to the 256 nearest
+    D2 = squared_distances(X)                     # exact float64: one matrix serves everything below
+    indices, d2 = sorted_neighbors(D2, 32, 256)   # stable 32-NN table, the 256 nearest squared distances
+    distances = np.sqrt(d2)
     overlap = neighborhood_overlap(indices, indices_of_the_next_layer)
     # ids and neighbour statistics need distinct points; where X has duplicates (distances[:, 0] == 0):
-    #     keep = first_occurrences(X); D = D[np.ix_(keep, keep)]; indices, distances = sorted_neighbors(D, 2, 256)
-    ids, errs, scales = gride_scaling(distances)       # at ranks gride_ranks(number of distinct points)
+    #     keep = first_occurrences(X); D2 = D2[np.ix_(keep, keep)]; indices, d2 = sorted_neighbors(D2, 2, 256)
+    ids, errs, scales = gride_scaling(distances)  # at ranks gride_ranks(number of distinct points)
     twonn = twonn_id(distances)
-    reciprocity, nn_cos = nn_reciprocity(indices), nn_cosine(D, indices)
-    mean, std = cosine_stats(X, D)
+    reciprocity, nn_cos = nn_reciprocity(indices), nn_cosine(D2, indices)
+    mean, std = cosine_stats(X, D2)
 """
 
-from .distances import first_occurrences, pairwise_distances, sorted_neighbors, unique_rows
+from .distances import first_occurrences, pairwise_distances, sorted_neighbors, squared_distances, unique_rows
 from .divergence import gaussian_kl_divergence, knn_kl_divergence
 from .global_shape import anisotropy, cosine_stats, norm_mean
 from .intrinsic_dimension import gride_ranks, gride_scaling, twonn_id
@@ -33,6 +34,7 @@ __all__ = [
     "norm_mean",
     "pairwise_distances",
     "sorted_neighbors",
+    "squared_distances",
     "twonn_id",
     "unique_rows",
 ]

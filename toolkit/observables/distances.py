@@ -1,4 +1,4 @@
-"""Exact float64 Euclidean distances and nearest-neighbour tables of one point cloud."""
+"""Exact float64 Euclidean distances (or their squares) and nearest-neighbour tables of one point cloud."""
 
 import numpy as np
 
@@ -11,14 +11,32 @@ _PAIRS_PER_CHUNK = 4096
 _BLOCK_ENTRIES = 2**16
 
 
+def _row_hash(rows):
+    """A 64-bit hash of the bits of each row of a (token, dim) array: equal rows, equal hashes.
+
+    Integer arithmetic that wraps around: exact, and the same whatever the summation order. Returns (token,)
+    uint64.
+    """
+    words = rows.view(np.dtype(f"u{rows.dtype.itemsize}")).astype(np.uint64, copy=False)
+    multipliers = np.random.default_rng(0).integers(1, 2**63, size=rows.shape[1], dtype=np.uint64) | np.uint64(1)
+    return words @ multipliers
+
+
 def _first_copies(X):
     """For every row of X (token, dim), the index of the first row equal to it (itself when unique).
 
     Rows are compared bitwise after mapping -0.0 to +0.0, i.e. two rows are copies exactly when their
     Euclidean distance is 0 (NaN rows are not expected). Returns (token,) int64.
     """
-    # Adding 0.0 turns -0.0 into +0.0 so that the byte comparison below equals float equality.
+    # Adding 0.0 turns -0.0 into +0.0 so that bitwise equality below equals float equality.
     rows = np.ascontiguousarray(X + X.dtype.type(0))
+    # Rows grouped by hash, then each checked against its group's first: far cheaper than sorting rows.
+    _, first_of_hash, inverse = np.unique(_row_hash(rows), return_index=True, return_inverse=True)
+    first = first_of_hash[inverse.ravel()]
+    copies = np.flatnonzero(first != np.arange(len(rows)))
+    if np.array_equal(rows[copies], rows[first[copies]]):
+        return first
+    # Two distinct rows share a hash (odds ~2^-64 per pair): sort the rows' bytes instead.
     as_bytes = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
     _, first, inverse = np.unique(as_bytes, return_index=True, return_inverse=True)
     return first[inverse.ravel()]
@@ -46,15 +64,14 @@ def unique_rows(X):
     return np.asarray(X)[keep], keep.size
 
 
-def _distances_and_zeros(A, B=None):
-    """Euclidean distances between the rows of A, (a, dim), and of B, (b, dim) (B=None: A with itself).
+def _squared_distances(A, B=None):
+    """Squared Euclidean distances between the rows of A, (a, dim), and of B, (b, dim) (B=None: A with itself).
 
     Gram-matrix formula on centred float64 data, then the pairs where that formula cancels badly
-    (near-duplicates) are recomputed exactly from A[i] - B[j]. The result is accurate to ~1e-13 relative
+    (near-duplicates) are recomputed exactly from A[i] - B[j]. The result is accurate to ~2e-13 relative
     and never negative; for B=None it is exactly symmetric (the pairs i > j are copied from j < i) with an
     exactly zero diagonal. The matrix is transformed in row blocks that stay in cache.
-    Returns (D, rows, cols): the (a, b) float64 distances and the pairs (rows[p], cols[p]) at distance
-    exactly 0 (equal rows), the diagonal excluded for B=None.
+    Returns the (a, b) float64 squared distances.
     """
     A = np.asarray(A, dtype=np.float64)
     same = B is None
@@ -64,11 +81,10 @@ def _distances_and_zeros(A, B=None):
     Bc = Ac if same else B - shift
     a2 = np.einsum("ij,ij->i", Ac, Ac)
     b2 = a2 if same else np.einsum("ij,ij->i", Bc, Bc)
-    D = Ac @ Bc.T  # for same, numpy uses syrk: bitwise symmetric
-    zero_rows, zero_cols = [], []
-    step = max(1, _BLOCK_ENTRIES // max(D.shape[1], 1))
-    for start in range(0, D.shape[0], step):
-        d2 = D[start:start + step]  # a view: D becomes the squared distances, then the distances
+    D2 = Ac @ Bc.T  # for same, numpy uses syrk: bitwise symmetric
+    step = max(1, _BLOCK_ENTRIES // max(D2.shape[1], 1))
+    for start in range(0, D2.shape[0], step):
+        d2 = D2[start:start + step]  # a view: D2 becomes the squared distances in place
         scale = a2[start:start + step, None] + b2[None, :]  # a2_i + a2_j: the same bits for (i, j) and (j, i)
         d2 *= -2.0
         d2 += scale
@@ -79,67 +95,75 @@ def _distances_and_zeros(A, B=None):
             close[on_diagonal, on_diagonal + start] = False
             d2[on_diagonal, on_diagonal + start] = 0.0
         # Usually no pair off the diagonal is close: skip the (slower) listing of the entries then.
-        rows, cols = np.nonzero(close) if close.any() else (np.zeros(0, np.intp), np.zeros(0, np.intp))
+        if not close.any():
+            continue
+        rows, cols = np.nonzero(close)
         rows += start
         if same:  # the candidates are symmetric: compute i < j, copy i > j from the finished transpose
             lower = rows > cols
             rows, cols, lower_rows, lower_cols = rows[~lower], cols[~lower], rows[lower], cols[lower]
-            d2[lower_rows - start, lower_cols] = 0.0  # overwritten below; no sqrt of a negative meanwhile
         for first in range(0, rows.size, _PAIRS_PER_CHUNK):
             r, c = rows[first:first + _PAIRS_PER_CHUNK], cols[first:first + _PAIRS_PER_CHUNK]
             diff = A[r] - B[c]
             d2[r - start, c] = np.einsum("ij,ij->i", diff, diff)
-            equal = ~diff.any(axis=1)
-            zero_rows.append(r[equal])
-            zero_cols.append(c[equal])
-        np.sqrt(d2, out=d2)
         if same:
-            d2[lower_rows - start, lower_cols] = D[lower_cols, lower_rows]
-    rows = np.concatenate([np.zeros(0, dtype=np.intp)] + zero_rows)
-    cols = np.concatenate([np.zeros(0, dtype=np.intp)] + zero_cols)
-    return (D, np.concatenate([rows, cols]), np.concatenate([cols, rows])) if same else (D, rows, cols)
+            d2[lower_rows - start, lower_cols] = D2[lower_cols, lower_rows]
+    return D2
 
 
 def _distances(A, B=None):
     """Euclidean distances between the rows of A, (a, dim), and of B, (b, dim) (B=None: A with itself).
 
-    See `_distances_and_zeros`. Returns an (a, b) float64 array.
+    See `_squared_distances`. Returns an (a, b) float64 array, accurate to ~1e-13 relative.
     """
-    return _distances_and_zeros(A, B)[0]
+    return np.sqrt(_squared_distances(A, B))
 
 
-def pairwise_distances(X):
-    """Euclidean distances between all rows of X.
+def squared_distances(X):
+    """Squared Euclidean distances between all rows of X.
 
     X: (token, dim) float array (float16/32/64; computed in float64).
-    Returns D: (token, token) float64, symmetric, D[i, i] == 0 exactly, relative error ~1e-13 even for
-    near-duplicate rows (cancellation-prone pairs of the Gram formula are recomputed directly). D[i, j] == 0
-    exactly when rows i and j are equal. Copies of a row (repeated tokens) get bitwise-equal rows and
-    columns, so that ties among them break by index.
+    Returns D2: (token, token) float64 in squared units of X, symmetric, D2[i, i] == 0 exactly, relative
+    error ~2e-13 even for near-duplicate rows (cancellation-prone pairs of the Gram formula are recomputed
+    directly). D2[i, j] == 0 exactly when rows i and j are equal. Copies of a row (repeated tokens) get
+    bitwise-equal rows and columns, so that ties among them break by index. Nearest neighbours need no
+    square root: `sorted_neighbors` orders D2 as it would order the distances.
     """
     X = np.asarray(X)
     if X.ndim != 2:
         raise ValueError(f"X must be a (token, dim) array, got shape {X.shape}")
-    D, rows, cols = _distances_and_zeros(X)
-    if rows.size == 0:
-        return D
-    # The Gram formula can differ in the last bit between identical columns: give copies the first's values.
-    # Every pair of copies is listed (both ways), so the lowest partner of a row is its first copy.
-    first = np.arange(len(X))
-    np.minimum.at(first, cols, rows)
-    return D[np.ix_(first, first)]
+    first = _first_copies(X)
+    keep = np.unique(first)
+    if keep.size == len(X):
+        return _squared_distances(X)
+    # Copies (frequent at the embedding layer): the distinct rows only, then each copy takes its first's
+    # row and column.
+    at = np.searchsorted(keep, first)
+    return _squared_distances(X[keep])[np.ix_(at, at)]
+
+
+def pairwise_distances(X):
+    """Euclidean distances between all rows of X: the square root of `squared_distances(X)`.
+
+    X: (token, dim) float array. Returns D: (token, token) float64 in units of X, with the properties of
+    `squared_distances` (relative error ~1e-13).
+    """
+    return np.sqrt(squared_distances(X))
 
 
 def sorted_neighbors(D, k, k_distances=None):
     """The k nearest neighbours of every point, self excluded, nearest first, and their distances.
 
-    D: (token, token) distance matrix: non-negative, with a zero diagonal (e.g. from `pairwise_distances`).
+    D: (token, token) distances or squared distances (`pairwise_distances`, `squared_distances`): non-negative,
+        with a zero diagonal. Squares order the neighbours as the distances do and save a square root per
+        entry; the returned values are then squared distances too.
     k: neighbours in the index table; k_distances: neighbours in the distance table (default k).
-    Ties in the index table are broken by the lower neighbour index, as a stable sort of each row would.
+    Ties in the index table (equal entries of D) are broken by the lower neighbour index, as a stable sort of
+    each row would.
     Returns (indices, distances): (token, k) int64 neighbour indices and (token, k_distances) float64
-    sorted distances to the k_distances nearest neighbours (column j: the (j+1)-th). The distances are
-    order statistics of each row, which do not depend on how ties are broken: their first k columns are
-    the distances of `indices`.
+    sorted entries of D for the k_distances nearest neighbours (column j: the (j+1)-th). They are order
+    statistics of each row, which do not depend on how ties are broken: their first k columns are the
+    entries of `indices`.
     """
     D = np.ascontiguousarray(D, dtype=np.float64)  # contiguous: entries are gathered by flat index below
     n = D.shape[0]

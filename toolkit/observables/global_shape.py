@@ -13,13 +13,13 @@ def norm_mean(X):
     return float(np.linalg.norm(np.asarray(X, dtype=np.float64), axis=1).mean())
 
 
-def cosine_stats(X, distances=None):
+def cosine_stats(X, squared_distances=None):
     """Mean and standard deviation (ddof=0) of the cosine similarity over all pairs i != j.
 
     X: (token, dim) float array with nonzero rows and token >= 2 (computed in float64).
-    distances: optional (token, token) Euclidean distances between the rows of X, accurate to ~1e-13
-        relative (`pairwise_distances(X)`). Given, the cosines come from them by the law of cosines,
-        cos_ij = (|x_i|^2 + |x_j|^2 - D_ij^2) / (2 |x_i| |x_j|), instead of from a second (token, token)
+    squared_distances: optional (token, token) squared Euclidean distances between the rows of X, accurate
+        to ~2e-13 relative (`squared_distances(X)`). Given, the cosines come from them by the law of cosines,
+        cos_ij = (|x_i|^2 + |x_j|^2 - D2_ij) / (2 |x_i| |x_j|), instead of from a second (token, token)
         matrix product; their absolute error is then ~1e-13 (|x_i| / |x_j| + |x_j| / |x_i|).
     The mean is (|sum_i u_i|^2 - token) / (token (token - 1)) with u_i = x_i / |x_i|; the variance is the mean
     squared deviation from it over the pairs (two passes: stable even when all cosines are close to 1).
@@ -34,21 +34,20 @@ def cosine_stats(X, distances=None):
     pairs = n * (n - 1)
     total = inverse_norms @ X  # the sum of the unit vectors; each has |u_i|^2 = 1 to rounding
     mean = (total @ total - n) / pairs
-    if distances is None:
+    if squared_distances is None:
         U = X * inverse_norms[:, None]
         deviations = U @ U.T
         deviations -= mean
         np.fill_diagonal(deviations, 0.0)
         return float(mean), float(np.sqrt(max(np.vdot(deviations, deviations) / pairs, 0.0)))
-    D = np.asarray(distances, dtype=np.float64)
-    if D.shape != (n, n):
-        raise ValueError(f"distances must be ({n}, {n}), got {D.shape}")
+    D2 = np.asarray(squared_distances, dtype=np.float64)
+    if D2.shape != (n, n):
+        raise ValueError(f"squared_distances must be ({n}, {n}), got {D2.shape}")
     half_inverse = 0.5 * inverse_norms
     squares = 0.0
     step = max(1, _BLOCK_ENTRIES // n)
     for start in range(0, n, step):  # row blocks that stay in cache
-        block = np.square(D[start:start + step])
-        np.subtract(squared_norms, block, out=block)
+        block = np.subtract(squared_norms, D2[start:start + step])
         block += squared_norms[start:start + step, None]
         block *= half_inverse[start:start + step, None]
         block *= inverse_norms

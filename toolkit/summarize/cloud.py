@@ -55,8 +55,9 @@ def prompt_observables(layers, params, n_layers: int, width: int) -> dict:
     layers: iterable of (token, dim) arrays, layer 0 first (the prompt's n_tokens vectors at each layer).
     Overlap at layer l compares layers l and l+1 on all points (self excluded, ties to the lower index);
     GRIDE, TwoNN and the nearest-neighbour statistics use the cloud with exact duplicates removed
-    (``n_unique`` points). One distance matrix per cloud serves every observable (the de-duplicated cloud's
-    is a submatrix of it). Returns name → array, NaN where a cloud is too small for an observable.
+    (``n_unique`` points). One squared-distance matrix per cloud serves every observable (the de-duplicated
+    cloud's is a submatrix of it; square roots only for the neighbour distances used). Returns name → array,
+    NaN where a cloud is too small for an observable.
     """
     out = empty_prompt_results(params, n_layers, width)
     ks = params.ks
@@ -69,12 +70,13 @@ def prompt_observables(layers, params, n_layers: int, width: int) -> dict:
         n = len(X)
         if n < 3:
             continue
-        D = obs.pairwise_distances(X)
+        D2 = obs.squared_distances(X)
         if need_knn or dedup:
             # One table for everything; redone below on the distinct points only where there are duplicates.
             k = min(params.overlap_k, n - 1) if need_knn else 0
             columns = _distance_columns(params, n, params.wants("gride")) if dedup else 0
-            idx, dist = obs.sorted_neighbors(D, max(k, k_unique), max(k, k_unique, columns))
+            idx, dist = obs.sorted_neighbors(D2, max(k, k_unique), max(k, k_unique, columns))
+            dist = np.sqrt(dist)
         if need_knn:
             if params.wants("overlap") and previous is not None:
                 valid = ks[ks <= k]
@@ -84,26 +86,27 @@ def prompt_observables(layers, params, n_layers: int, width: int) -> dict:
                 out["knn_index"][layer, :n, :k] = idx[:, :k]
                 out["knn_distance"][layer, :n, :k] = dist[:, :k]
         if dedup:
-            Du, n_unique = D, n
+            D2u, n_unique = D2, n
             if not dist[:, 0].all():  # a zero nearest-neighbour distance: duplicates (D == 0 only for copies)
                 keep = obs.first_occurrences(X)
-                Du, n_unique = D[np.ix_(keep, keep)], keep.size
+                D2u, n_unique = D2[np.ix_(keep, keep)], keep.size
                 if n_unique >= 3:
                     columns = _distance_columns(params, n_unique, params.wants("gride"))
-                    idx, dist = obs.sorted_neighbors(Du, k_unique, columns)
+                    idx, dist = obs.sorted_neighbors(D2u, k_unique, columns)
+                    dist = np.sqrt(dist)
             if "n_unique" in out:
                 out["n_unique"][layer] = n_unique
             if n_unique >= 3:
                 if params.wants("reciprocity"):  # on distinct points: a duplicate's twin is no neighbour
                     out["nn_reciprocity"][layer] = obs.nn_reciprocity(idx)
-                    out["nn_cosine"][layer] = obs.nn_cosine(Du, idx)
+                    out["nn_cosine"][layer] = obs.nn_cosine(D2u, idx)
                 if params.wants("gride"):
                     _place_gride(out["gride_id"][layer], out["gride_err"][layer], out["gride_scale"][layer],
                                  params.n2, dist, n_unique, params.gride_range_max)
                 if params.wants("twonn"):
                     out["twonn_id"][layer] = obs.twonn_id(dist)
         if params.wants("cosine"):
-            out["cosine_mean"][layer], out["cosine_std"][layer] = obs.cosine_stats(X, D)
+            out["cosine_mean"][layer], out["cosine_std"][layer] = obs.cosine_stats(X, D2)
         if params.wants("anisotropy"):
             out["anisotropy"][layer] = obs.anisotropy(X, tol=params.anisotropy_tol)
         if params.wants("norm"):
@@ -132,9 +135,9 @@ def group_observables(pools: dict, params) -> dict:
     for i, g in enumerate(names):
         Xu = unique[g]
         if params.wants("group_gride") and len(Xu) >= 3:
-            _, du = obs.sorted_neighbors(obs.pairwise_distances(Xu), 1, _distance_columns(params, len(Xu), True))
+            _, du2 = obs.sorted_neighbors(obs.squared_distances(Xu), 1, _distance_columns(params, len(Xu), True))
             _place_gride(out["group_gride_id"][i], out["group_gride_err"][i], out["group_gride_scale"][i],
-                         params.n2, du, len(Xu), params.gride_range_max)
+                         params.n2, np.sqrt(du2), len(Xu), params.gride_range_max)
         if params.wants("group_anisotropy") and len(pools[g]) >= 2:
             out["group_anisotropy"][i] = obs.anisotropy(np.asarray(pools[g], dtype=np.float64),
                                                         tol=params.anisotropy_tol)
