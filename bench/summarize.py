@@ -20,7 +20,8 @@ On the same 1024-token SmolLM2 prompts (one float32 activation store) and the sa
   Prompts are spread over processes with joblib `Parallel(n_jobs=2)` (loky: one BLAS thread per process),
   as the study's script parallelises over its files with `n_jobs=-1` (one process per core).
 - repgeo: `repgeo summarize --workers 2` with every per-prompt observable (GRIDE, TwoNN, overlap k = 1..32,
-  cosine, anisotropy, reciprocity and nn cosine, norm), all in exact float64.
+  cosine, anisotropy, reciprocity and nn cosine, norm), all in exact float64; and with the study's observables
+  only (`--observables gride,overlap,cosine`).
 
 Both are timed as fresh processes; seconds per prompt in steady state are differences between two prompt
 counts, (t(N) - t(N0)) / (N - N0), so that start-up and imports cancel, from each count's fastest of --repeats
@@ -256,18 +257,22 @@ def main():
         extract_store(texts[: args.prompts_small], args.tokens, small, args.model, "float32")
         extract_store(texts, args.tokens, large, args.model, "float32")
 
-        repgeo_runs, study_runs = ([], []), ([], [])  # (small, large): [(wall, cpu), ...]
+        # (small, large): [(wall, cpu), ...]; "same": only the study's observables (GRIDE, overlap, cosine)
+        repgeo_runs, same_runs, study_runs = ([], []), ([], []), ([], [])
         for r in range(args.repeats):
-            for i, store in enumerate((small, large)):
-                out = os.path.join(tmp, f"results{r}_{i}.zarr")
-                repgeo_runs[i].append(timed_run([REPGEO, "summarize", "--store", store, "--out", out,
-                                                  "--workers", str(args.workers)]))
+            for runs, extra, name in ((repgeo_runs, [], "results"),
+                                      (same_runs, ["--observables", "gride,overlap,cosine"], "same")):
+                for i, store in enumerate((small, large)):
+                    out = os.path.join(tmp, f"{name}{r}_{i}.zarr")
+                    runs[i].append(timed_run([REPGEO, "summarize", "--store", store, "--out", out,
+                                              "--workers", str(args.workers)] + extra))
             for i, count in enumerate((args.baseline_prompts_small, args.baseline_prompts)):
                 out = os.path.join(tmp, f"study{i}.npz")
                 wall, _ = timed_run([sys.executable, os.path.abspath(__file__), "--workers", str(args.workers),
                                      "--study", large, str(count), out])
                 study_runs[i].append((wall, float(np.load(out)["cpu"])))
         repgeo_s, repgeo_cpu = steady(*repgeo_runs, args.prompts_small, args.prompts)
+        same_s, same_cpu = steady(*same_runs, args.prompts_small, args.prompts)
         study_s, study_cpu = steady(*study_runs, args.baseline_prompts_small, args.baseline_prompts)
 
         study = np.load(os.path.join(tmp, "study1.npz"))
@@ -295,7 +300,10 @@ def main():
     print(f"study's summarize    {study_s:7.2f} s  {study_cpu:7.2f} s CPU (steady state, {args.baseline_prompts_small} "
           f"vs {args.baseline_prompts} prompts; runs {walls(study_runs)} s; BLAS threads per worker "
           f"{int(study['threads'].max())})")
-    print(f"speed-up             {study_s / repgeo_s:7.1f}x {study_cpu / repgeo_cpu:6.1f}x in CPU time")
+    print(f"  the study's observables only (--observables gride,overlap,cosine): {same_s:.2f} s, {same_cpu:.2f} s "
+          f"CPU (runs {walls(same_runs)} s)")
+    print(f"speed-up             {study_s / repgeo_s:7.1f}x {study_cpu / repgeo_cpu:6.1f}x in CPU time; the study's "
+          f"observables only: {study_s / same_s:.1f}x, {study_cpu / same_cpu:.1f}x in CPU time")
     print(f"GRIDE vs study       max relative difference {gride_diff:.1e} ({count} prompts, layers 1..L, all scales)")
     print(f"overlap vs study     max absolute difference {overlap_diff:.1e} (k = 1..31, float32 vs float64 ties)")
     print(f"cosine vs study      max absolute difference {cosine_diff:.1e} (mean and std over all n^2 entries)")
