@@ -1,10 +1,11 @@
 """Benchmark: `repgeo summarize` against the token-geometry study's summarize algorithm.
 
-On the same 1024-token SmolLM2 prompts (one float32 activation store) and the same 2 cores:
+On the same 1024-token SmolLM2 prompts (one activation store: float32 by default, or `--dtype float16`, what
+`repgeo extract` writes by default) and the same 2 cores:
 
 - baseline: the study's published summarize script, re-implemented here from a description of what it does
   (not its code), with the matrices of its extraction step computed in-process instead of loaded from disk.
-  Per prompt, for every layer l = 0..L of hidden[prompt, l, :n] (float32):
+  Per prompt, for every layer l = 0..L of hidden[prompt, l, :n] as float32 (the study's hidden states):
     * extraction step: the (token, token) float32 distance matrix (sklearn `pairwise_distances`) and cosine
       similarity matrix (sklearn `cosine_similarity`);
     * GRIDE at layers 1..L (not the embedding layer): duplicate tokens dropped with
@@ -33,6 +34,7 @@ repgeo's observables (one core), and the peak memory of one worker either way.
 
     .venv/bin/python bench/summarize.py [--prompts 10] [--prompts-small 2] [--baseline-prompts 4]
                                         [--baseline-prompts-small 2] [--repeats 3] [--tokens 1024]
+                                        [--dtype float32|float16]
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ def study_prompt(store, prompt):
     from threadpoolctl import threadpool_info
 
     n = int(zarr.open_array(os.path.join(store, "n_tokens"), mode="r")[prompt])
-    layers = zarr.open_array(os.path.join(store, "hidden"), mode="r")[prompt, :, :n]
+    layers = zarr.open_array(os.path.join(store, "hidden"), mode="r")[prompt, :, :n].astype(np.float32, copy=False)
     distances = [pairwise_distances(X) for X in layers]  # float32, as saved by the extraction step
     cosines = [cosine_similarity(X) for X in layers]
     gride = np.array([study_gride(D) for D in distances[1:]])
@@ -175,8 +177,8 @@ def per_cloud_ms(store, prompt) -> dict:
     # left out here; only the times count.
     with threadpool_limits(1), np.errstate(divide="ignore", invalid="ignore"):
         for layer in range(hidden.shape[1]):
-            X32 = timed("read the slab (zarr, float32)", lambda: hidden[prompt, layer, :n])
-            X = timed("float64 copy", lambda: X32.astype(np.float64))
+            stored = timed(f"read the slab (zarr, {hidden.dtype})", lambda: hidden[prompt, layer, :n])
+            X = timed("float64 copy", lambda: stored.astype(np.float64))
             D2 = timed("squared_distances", lambda: obs.squared_distances(X))
             idx, d2 = timed("sorted_neighbors k=32, 256 distances", lambda: obs.sorted_neighbors(D2, 32, 256))
             dist = timed("square roots of the 256 distances", lambda: np.sqrt(d2))
@@ -233,6 +235,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="runs of each count (the fastest counts)")
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                        help="storage dtype of the bench store (float16: extract's default)")
     parser.add_argument("--study", nargs=3, metavar=("STORE", "COUNT", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.study:  # one timed run of the baseline, in its own process
@@ -254,8 +258,8 @@ def main():
     texts = long_texts(load_tokenizer(resolve_model(args.model)), args.prompts, args.tokens)
     with tempfile.TemporaryDirectory() as tmp:
         small, large = os.path.join(tmp, "small.zarr"), os.path.join(tmp, "large.zarr")
-        extract_store(texts[: args.prompts_small], args.tokens, small, args.model, "float32")
-        extract_store(texts, args.tokens, large, args.model, "float32")
+        extract_store(texts[: args.prompts_small], args.tokens, small, args.model, args.dtype)
+        extract_store(texts, args.tokens, large, args.model, args.dtype)
 
         # (small, large): [(wall, cpu), ...]; "same": only the study's observables (GRIDE, overlap, cosine)
         repgeo_runs, same_runs, study_runs = ([], []), ([], []), ([], [])
@@ -293,8 +297,9 @@ def main():
         dask_before, dask_after = dask_worker_peak_mib(large, 0)
 
     walls = lambda runs: [[round(wall, 1) for wall, _ in count] for count in runs]  # noqa: E731
-    print(f"{args.tokens}-token prompts, {args.model}, {args.workers} processes / {os.cpu_count()} cores, "
-          f"fastest of {args.repeats} runs per count; wall and CPU (all processes) seconds per prompt")
+    print(f"{args.tokens}-token prompts, {args.model}, {args.dtype} store, {args.workers} processes / "
+          f"{os.cpu_count()} cores, fastest of {args.repeats} runs per count; wall and CPU (all processes) seconds "
+          "per prompt")
     print(f"repgeo summarize     {repgeo_s:7.2f} s  {repgeo_cpu:7.2f} s CPU (steady state, {args.prompts_small} vs "
           f"{args.prompts} prompts; runs {walls(repgeo_runs)} s)")
     print(f"study's summarize    {study_s:7.2f} s  {study_cpu:7.2f} s CPU (steady state, {args.baseline_prompts_small} "
