@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from toolkit.extract.plan import make_batches  # noqa: E402
-from toolkit.extract.ranks import cpu_threads  # noqa: E402
+from toolkit.runtime.ranks import cpu_threads  # noqa: E402
 from toolkit.models import load_model, load_tokenizer, resolve_model  # noqa: E402
 from toolkit.store.info import disk_usage  # noqa: E402
 

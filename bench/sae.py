@@ -83,7 +83,7 @@ def count_run(store, sae_dir, layer, workers, block):
     import hashlib
 
     from toolkit.sae.cooccurrence import CooccurrenceSettings, check_inputs, count_cooccurrence
-    from toolkit.summarize.cluster import local_client
+    from toolkit.runtime.cluster import local_client
 
     settings = CooccurrenceSettings(store=store, sae=sae_dir, layer=layer, out=os.devnull + "/unused",
                                     threshold=THRESHOLD, block=block)

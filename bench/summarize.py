@@ -211,7 +211,7 @@ def task_peak_mib(store, prompt) -> tuple:
 
 def dask_worker_peak_mib(store, prompt) -> tuple:
     """Peak RSS (MiB) of a Dask worker process of `repgeo summarize` before and after one prompt task."""
-    from toolkit.summarize.cluster import local_client
+    from toolkit.runtime.cluster import local_client
     from toolkit.summarize.params import SummarizeParams
     from toolkit.summarize.tasks import prompt_task
 

@@ -11,7 +11,7 @@ import pytest
 import zarr
 
 from toolkit.extract.progress import Progress
-from toolkit.extract.ranks import Ranks
+from toolkit.runtime.ranks import Ranks
 
 PROGRESS = re.compile(r"^extract: (\d+)/(\d+) prompts")
 #: Attributes that describe what a store holds (``ranks``, ``runs`` and ``created`` describe how it was made).

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from toolkit.errors import UserError
-from toolkit.extract.ranks import check_world_size
+from toolkit.runtime.ranks import check_world_size
 from toolkit.prompts import read_prompts
 from toolkit.store.activations import RESERVED, label_arrays
 from toolkit.summarize.tasks import group_values

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
-from .errors import UserError
+from .errors import UserError, unexpected
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -17,6 +18,53 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         print(f"{self.prog}: error: {message}; see {self.prog} --help", file=sys.stderr)
         raise SystemExit(2)
+
+
+def _at_least(low: int):
+    """An argparse type: a whole number ≥ ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low} (got {value})")
+        return value
+
+    parse.__name__ = f"integer ≥ {low}"  # how argparse names the type in its message
+    return parse
+
+
+def _finite(low: float, strict: bool):
+    """An argparse type: a finite number > ``low`` (strict) or ≥ ``low``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '≥'} {low:g} (got {text})")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _at_least(1), _at_least(0)
+
+
+def _scheduler(text: str) -> str:
+    """local, mpi, or a Dask scheduler address (tcp://host:port or host:port)."""
+    if text in ("local", "mpi"):
+        return text
+    rest = text.split("://", 1)[1] if "://" in text else text
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not local, mpi, or a scheduler address like "
+                                         f"tcp://host:8786")
+    return text
 
 
 def _int_list(text: str) -> tuple:
@@ -31,23 +79,33 @@ def _int_list(text: str) -> tuple:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="repgeo", description="Geometry of LLM hidden states: extract, summarize, share.")
+    # Every command takes --debug: the traceback of an unexpected error instead of its one-line summary.
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    ex = sub.add_parser("extract", help="hidden states of every layer for a set of prompts → activation store")
+    ex = sub.add_parser("extract", parents=[common],
+                        help="hidden states of every layer for a set of prompts → activation store")
     ex.add_argument("--model", required=True,
                     help="local Hugging Face directory, .gguf file, cached hub id, or alias smollm2-135m")
     ex.add_argument("--prompts", required=True, help="JSONL file (\"text\" + label fields), .txt file, or a "
                                                      "directory/glob of .txt files")
     ex.add_argument("--out", required=True, help="the activation store to create (a directory)")
-    ex.add_argument("--max-tokens", type=int, help="truncate prompts to N tokens")
-    ex.add_argument("--min-tokens", type=int, help="drop prompts shorter than N tokens")
+    ex.add_argument("--max-tokens", type=POSITIVE, help="truncate prompts to N tokens")
+    ex.add_argument("--min-tokens", type=POSITIVE, help="drop prompts shorter than N tokens")
     ex.add_argument("--dtype", choices=DTYPES, default="float16", help="storage dtype (default float16)")
     ex.add_argument("--compute-dtype", choices=("auto",) + DTYPES, default="auto",
                     help="dtype of the forward pass (auto: float32 on CPU, bfloat16 on GPU unless --dtype float32)")
-    ex.add_argument("--batch-size", type=int, default=4, help="prompts per forward pass (default 4)")
+    ex.add_argument("--batch-size", type=POSITIVE, default=4, help="prompts per forward pass (default 4)")
     ex.add_argument("--shuffle-levels", type=_int_list, default=(),
                     help="e.g. 0,1,2: store each prompt with its tokens cut into 4^s blocks in a seeded order")
-    ex.add_argument("--seed", type=int, default=0, help="seed of the block shuffles (default 0)")
+    ex.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the block shuffles (default 0)")
+    ex.add_argument("--bos", choices=("auto", "always", "never"), default="auto",
+                    help="first token: auto = what the tokenizer adds by default (nothing for SmolLM2, <bos> for "
+                         "Gemma 3); always = --bos-token first, instead of the tokenizer's own special tokens; "
+                         "never = no special tokens at all")
+    ex.add_argument("--bos-token", help="the token prepended with --bos always (default: the tokenizer's bos_token; "
+                                        "for SmolLM2 <|endoftext|>, not its chat marker <|im_start|>)")
     ex.add_argument("--resume", action="store_true", help="complete an existing store (or start one)")
     ex.add_argument("--withhold-texts", action="store_true", help="store each prompt's sha256, not its text")
     ex.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -56,68 +114,77 @@ def build_parser() -> argparse.ArgumentParser:
                     help="for models too large for one GPU: run one rank per node and spread the model over "
                          "the node's GPUs (accelerate's device_map)")
 
-    su = sub.add_parser("summarize", help="observables of every (prompt, layer) cloud and of label groups → results store")
+    su = sub.add_parser("summarize", parents=[common],
+                        help="observables of every (prompt, layer) cloud and of label groups → results store")
     su.add_argument("--store", required=True, help="the activation store (from repgeo extract)")
     su.add_argument("--out", required=True, help="the results store to create (a directory)")
     su.add_argument("--observables", help="comma-separated subset of: gride, twonn, overlap, cosine, anisotropy, "
                                           "reciprocity, norm, group_gride, group_anisotropy, group_kl (default: all "
                                           "per-prompt ones, plus the group ones with --groupby)")
-    su.add_argument("--scheduler", default="local",
+    su.add_argument("--scheduler", default="local", type=_scheduler,
                     help="local (a Dask cluster on this node), mpi (Dask on the ranks of mpiexec/srun), or the "
                          "address of a running scheduler")
-    su.add_argument("--workers", type=int, help="workers of the local cluster (default: one per core)")
+    su.add_argument("--workers", type=POSITIVE, help="workers of the local cluster (default: one per core)")
     su.add_argument("--groupby", help="a prompt label: pooled observables per group of prompts")
     su.add_argument("--reference", help="the group value that group_kl compares every group with")
-    su.add_argument("--group-size", type=int, default=2000, help="tokens pooled per group (default 2000)")
-    su.add_argument("--overlap-k", type=int, default=32, help="neighbourhood overlap for k = 1..K (default 32)")
+    su.add_argument("--group-size", type=_at_least(3), default=2000, help="tokens pooled per group (default 2000)")
+    su.add_argument("--overlap-k", type=POSITIVE, default=32, help="neighbourhood overlap for k = 1..K (default 32)")
     su.add_argument("--save-knn", action="store_true", help="keep every cloud's K nearest neighbours")
-    su.add_argument("--seed", type=int, default=0, help="seed of the group subsampling (default 0)")
+    su.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the group subsampling (default 0)")
+    su.add_argument("--skip-tokens", type=NON_NEGATIVE, default=0,
+                    help="leave the first N positions of every prompt out of every cloud and pool (default 0); "
+                         "e.g. 1 without a BOS token, whose first position carries the model's massive activation")
     su.add_argument("--resume", action="store_true", help="complete an existing results store")
 
-    pl = sub.add_parser("plot", help="PNG figures of every observable against layer and relative depth")
+    pl = sub.add_parser("plot", parents=[common],
+                        help="PNG figures of every observable against layer and relative depth")
     pl.add_argument("results", help="a results store (from repgeo summarize)")
     pl.add_argument("--out", required=True, help="directory for the PNG files")
     pl.add_argument("--groupby", help="a prompt label: one line per value (default: the store's --groupby)")
-    pl.add_argument("--n2", type=int, default=32, help="GRIDE scale to plot (default 32)")
-    pl.add_argument("--k", type=int, default=8, help="overlap neighbourhood size to plot (default 8)")
+    pl.add_argument("--n2", type=_at_least(2), default=32, help="GRIDE scale to plot (default 32)")
+    pl.add_argument("--k", type=POSITIVE, default=8, help="overlap neighbourhood size to plot (default 8)")
+    pl.add_argument("--layers", help="layers to draw: numbers and A:B ranges (B excluded), e.g. 1: or 0,5,10:20 "
+                                     "(default: all)")
 
     sae = sub.add_parser("sae", help="sparse autoencoders on an activation store: train one, count feature "
                                      "co-occurrence").add_subparsers(dest="sae_command", required=True,
                                                                      parser_class=_Parser)
-    tr = sae.add_parser("train", help="train a TopK SAE on one layer of a store (SAELens layout)")
+    tr = sae.add_parser("train", parents=[common], help="train a TopK SAE on one layer of a store (SAELens layout)")
     tr.add_argument("--store", required=True, help="the activation store (from repgeo extract)")
-    tr.add_argument("--layer", required=True, type=int, help="layer of the store (0 = embeddings)")
+    tr.add_argument("--layer", required=True, type=NON_NEGATIVE, help="layer of the store (0 = embeddings)")
     tr.add_argument("--out", required=True, help="the SAE directory to create (cfg.json + sae_weights.safetensors)")
-    tr.add_argument("--features", type=int, help="number of features (default 8 x d_model)")
-    tr.add_argument("--k", type=int, default=32, help="active features per token (default 32)")
-    tr.add_argument("--epochs", type=int, default=4, help="passes over the store's tokens (default 4)")
-    tr.add_argument("--batch-tokens", type=int, default=1024, help="tokens per optimiser step (default 1024)")
-    tr.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
-    tr.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling (default 0)")
+    tr.add_argument("--features", type=POSITIVE, help="number of features (default 8 x d_model)")
+    tr.add_argument("--k", type=POSITIVE, default=32, help="active features per token (default 32)")
+    tr.add_argument("--epochs", type=POSITIVE, default=4, help="passes over the store's tokens (default 4)")
+    tr.add_argument("--batch-tokens", type=POSITIVE, default=1024, help="tokens per optimiser step (default 1024)")
+    tr.add_argument("--lr", type=_finite(0, strict=True), default=3e-3, help="Adam learning rate (default 3e-3)")
+    tr.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of initialisation and shuffling (default 0)")
     tr.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: a GPU if present")
 
-    co = sae.add_parser("cooccurrence", help="feature co-occurrence in token blocks → affinities, spectra, lobes, "
+    co = sae.add_parser("cooccurrence", parents=[common],
+                        help="feature co-occurrence in token blocks → affinities, spectra, lobes, "
                                              "galaxy spectra (results store)")
     co.add_argument("--store", required=True, help="the activation store (from repgeo extract)")
     co.add_argument("--sae", required=True, help="SAE directory in the SAELens layout")
-    co.add_argument("--layer", required=True, type=int, help="layer of the store the SAE reads (0 = embeddings)")
+    co.add_argument("--layer", required=True, type=NON_NEGATIVE, help="layer of the store the SAE reads (0 = embeddings)")
     co.add_argument("--out", required=True, help="the results store to create (a directory)")
-    co.add_argument("--threshold", type=float, default=1.0, help="a feature fires above this activation (default 1.0)")
-    co.add_argument("--block", type=int, default=256, help="tokens per block (default 256)")
+    co.add_argument("--threshold", type=_finite(0, strict=False), default=1.0, help="a feature fires above this activation (default 1.0)")
+    co.add_argument("--block", type=POSITIVE, default=256, help="tokens per block (default 256)")
     co.add_argument("--clusters", type=_int_list, default=(2, 4, 8), help="lobe counts (default 2,4,8)")
-    co.add_argument("--scheduler", default="local", help="local, mpi (Dask on the ranks of mpiexec/srun), or the "
+    co.add_argument("--scheduler", default="local", type=_scheduler, help="local, mpi (Dask on the ranks of mpiexec/srun), or the "
                                                          "address of a running scheduler")
-    co.add_argument("--workers", type=int, help="workers of the local cluster (default: one per core)")
-    co.add_argument("--seed", type=int, default=0, help="seed of clustering, permutations, isotropic reference")
-    co.add_argument("--permutations", type=int, default=100, help="label permutations of the AMI baseline")
-    co.add_argument("--galaxy-tokens", type=int, default=2048,
+    co.add_argument("--workers", type=POSITIVE, help="workers of the local cluster (default: one per core)")
+    co.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of clustering, permutations, isotropic reference")
+    co.add_argument("--permutations", type=_at_least(2), default=100, help="label permutations of the AMI baseline")
+    co.add_argument("--galaxy-tokens", type=_at_least(2), default=2048,
                     help="tokens whose feature activations form the activation galaxy cloud (default 2048)")
 
-    va = sub.add_parser("validate", help="check a store against its schema")
+    va = sub.add_parser("validate", parents=[common], help="check a store against its schema")
     va.add_argument("path")
     va.add_argument("--deep", action="store_true", help="also read every chunk (checksums, NaN padding)")
 
-    info = sub.add_parser("info", help="model, prompts, labels, layers, size and completeness of a store")
+    info = sub.add_parser("info", parents=[common],
+                          help="model, prompts, labels, layers, size and completeness of a store")
     info.add_argument("path")
     return parser
 
@@ -129,7 +196,8 @@ def _extract(args) -> int:
         model=args.model, prompts=args.prompts, out=args.out, dtype=args.dtype, compute_dtype=args.compute_dtype,
         max_tokens=args.max_tokens, min_tokens=args.min_tokens, batch_size=args.batch_size,
         shuffle_levels=args.shuffle_levels, seed=args.seed, resume=args.resume,
-        withhold_texts=args.withhold_texts, device=args.device, device_map=args.device_map,
+        withhold_texts=args.withhold_texts, device=args.device, device_map=args.device_map, bos=args.bos,
+        bos_token=args.bos_token,
     )
     return run_extract(settings)
 
@@ -143,7 +211,8 @@ def _summarize(args) -> int:
 def _plot(args) -> int:
     from .plot import plot_results
 
-    for path in plot_results(args.results, args.out, groupby=args.groupby, n2=args.n2, k=args.k):
+    for path in plot_results(args.results, args.out, groupby=args.groupby, n2=args.n2, k=args.k,
+                             layers=args.layers):
         print(path)
     return 0
 
@@ -183,15 +252,22 @@ def main(argv=None) -> int:
     # Libraries' own bars (one per rank, e.g. GGUF de-quantisation) would flood job logs; rank 0 reports progress.
     os.environ.setdefault("TQDM_DISABLE", "1")
     args = build_parser().parse_args(argv)
+    command = " ".join(filter(None, (args.command, getattr(args, "sae_command", None))))
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
         if _is_mpi_root():
-            print(f"repgeo {args.command}: error: {e}", file=sys.stderr)
+            print(f"repgeo {command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"repgeo {args.command}: interrupted", file=sys.stderr)
+        print(f"repgeo {command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # an error no check foresaw: one line that says where, the traceback on request
+        if args.debug:
+            raise
+        print(f"repgeo {command}: error: {unexpected(e)}", file=sys.stderr)
+        return 2
+
 
 
 def _is_mpi_root() -> bool:

@@ -59,16 +59,34 @@ def _leading_specials(ids: np.ndarray, special_ids: set) -> int:
     return n
 
 
+def first_token_id(tokenizer, token: str | None) -> int:
+    """The id of the token that ``--bos always`` puts first: ``token``, or the tokenizer's ``bos_token``."""
+    token = token if token is not None else tokenizer.bos_token
+    if token is None:
+        raise UserError("the tokenizer has no bos_token; name the first token with --bos-token, e.g. --bos-token "
+                        "'<|endoftext|>'")
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        raise UserError(f"--bos-token {token!r} is not a token of this tokenizer; give one of its special tokens, "
+                        f"e.g. {', '.join(tokenizer.all_special_tokens[:4])}")
+    return int(token_id)
+
+
 def make_plan(source, tokenizer, *, min_tokens=None, max_tokens=None, shuffle_levels=(), seed=0,
-              add_special_tokens=True, withhold_texts=False) -> Plan:
+              add_special_tokens=True, first_token=None) -> Plan:
     """Tokenize, filter and (optionally) block-shuffle the prompts of a :class:`~toolkit.prompts.PromptSource`.
 
-    Prompts shorter than ``min_tokens`` are dropped (counted); longer than ``max_tokens`` are truncated. With
+    ``add_special_tokens``: what the tokenizer adds by default (e.g. Gemma's <bos>); ``first_token``: an id put
+    before every prompt's tokens instead (``--bos always``; counted in --max-tokens and --min-tokens, and kept
+    first by the shuffles as a leading special token). Prompts shorter than ``min_tokens`` are dropped
+    (counted); longer than ``max_tokens`` are truncated. With
     ``shuffle_levels``, each kept prompt becomes one store prompt per level s: its tokens (after leading special
     tokens, which stay in place) cut into 4**s blocks whose order is permuted with a seed of (seed, prompt, s).
     """
     encoded = tokenizer([p.text for p in source.prompts], add_special_tokens=add_special_tokens)["input_ids"]
-    special_ids = set(tokenizer.all_special_ids)
+    if first_token is not None:
+        encoded = [[first_token, *ids] for ids in encoded]
+    special_ids = set(tokenizer.all_special_ids) | ({first_token} if first_token is not None else set())
     prompts, n_short, n_truncated = [], 0, 0
     for index, (prompt, ids) in enumerate(zip(source.prompts, encoded)):
         ids = np.asarray(ids, dtype=np.int32)

@@ -14,15 +14,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import __version__
-from ..errors import UserError
+from ..errors import UserError, unexpected
 from ..models import (load_model, load_tokenizer, model_description, resolve_model, tokenizer_fingerprint,
                       weights_sha256)
 from ..prompts import read_prompts
 from ..store.activations import PromptWriter, create_activation_store, label_arrays, open_activation_group
 from ..store.zarr_io import consolidate
-from .plan import batches_of_rank, make_batches, make_plan
+from .plan import batches_of_rank, first_token_id, make_batches, make_plan
 from .progress import Progress
-from .ranks import binding, cpu_threads, mpi_ranks, select_device
+from ..runtime.ranks import binding, cpu_threads, mpi_ranks, select_device
 from .writer import BackgroundWriter
 
 #: Bytes on disk per stored value, before compression (an upper bound: real activations compress ~1.1×).
@@ -47,13 +47,14 @@ class ExtractSettings:
     withhold_texts: bool = False
     device: str = "auto"
     device_map: str | None = None
-    add_special_tokens: bool = True
+    bos: str = "auto"  # auto: the tokenizer's own special tokens; always: --bos-token first; never: none
+    bos_token: str | None = None
 
     def recorded(self) -> dict:
         """The settings that decide the store's content; a resume must use the same ones."""
         return {"max_tokens": self.max_tokens, "min_tokens": self.min_tokens, "batch_size": self.batch_size,
                 "shuffle_levels": list(self.shuffle_levels), "seed": self.seed,
-                "compute_dtype": self.compute_dtype, "add_special_tokens": self.add_special_tokens,
+                "compute_dtype": self.compute_dtype, "add_special_tokens": self.bos == "auto", "bos": self.bos,
                 "withhold_texts": self.withhold_texts}
 
 
@@ -136,12 +137,10 @@ def run_extract(s: ExtractSettings) -> int:
         return _run(s, ranks, stop)
     except UserError:
         raise
-    except BaseException:
+    except BaseException as e:
         if ranks is not None and ranks.size > 1:  # one failed rank must not leave the others waiting forever
-            import traceback
-
-            traceback.print_exc()
-            ranks.comm.Abort(1)
+            print(f"repgeo extract: error (rank {ranks.rank}): {unexpected(e)}", file=sys.stderr, flush=True)
+            ranks.comm.Abort(2)
         raise
     finally:
         stop.ignore_slurm()
@@ -162,11 +161,15 @@ def _run(s: ExtractSettings, ranks, stop: _StopFlag) -> int:
     exists = os.path.exists(s.out)
     if exists and not s.resume:
         raise UserError(f"{s.out} already exists; pass --resume to complete it, or choose a new --out")
+    if s.bos_token is not None and s.bos != "always":
+        raise UserError("--bos-token names the token that --bos always prepends; add --bos always or drop it")
     source = read_prompts(s.prompts)
     ref = resolve_model(s.model)
     tokenizer = load_tokenizer(ref)
+    first_token = first_token_id(tokenizer, s.bos_token) if s.bos == "always" else None
     plan = make_plan(source, tokenizer, min_tokens=s.min_tokens, max_tokens=s.max_tokens,
-                     shuffle_levels=s.shuffle_levels, seed=s.seed, add_special_tokens=s.add_special_tokens)
+                     shuffle_levels=s.shuffle_levels, seed=s.seed, add_special_tokens=s.bos == "auto",
+                     first_token=first_token)
     label_arrays(plan.prompts)  # refuses reserved label names now, not after the model has loaded
     device = select_device(ranks.local_rank, s.device)
     sha = on_root(ranks, lambda: weights_sha256(ref))
@@ -177,7 +180,7 @@ def _run(s: ExtractSettings, ranks, stop: _StopFlag) -> int:
 
     compute_dtype = _resolve_compute_dtype(s.compute_dtype, device, s.dtype)
     # The resolved compute dtype, not "auto": a resume on another device must not mix float32 and bfloat16.
-    settings = dict(s.recorded(), compute_dtype=str(compute_dtype).removeprefix("torch."))
+    settings = dict(s.recorded(), compute_dtype=str(compute_dtype).removeprefix("torch."), bos_token_id=first_token)
     identity = {"model": {"id": ref.name, "weights_sha256": sha}, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                 "dtype": s.dtype, "settings": settings, "prompts": {"sha256": source.sha256}}
     if exists:  # refuse a mismatched resume before spending minutes loading a large model
@@ -198,7 +201,8 @@ def _run(s: ExtractSettings, ranks, stop: _StopFlag) -> int:
         "toolkit_version": __version__,
         "model": dict(model_description(ref, model), weights_sha256=sha),
         "tokenizer_fingerprint": identity["tokenizer_fingerprint"],
-        "special_token_ids": sorted(int(i) for i in tokenizer.all_special_ids),
+        "special_token_ids": sorted({int(i) for i in tokenizer.all_special_ids} | ({first_token} if first_token
+                                                                                    is not None else set())),
         "dtype": s.dtype,
         "settings": identity["settings"],
         "prompts": {"path": os.path.abspath(s.prompts), "sha256": source.sha256, "n_input": plan.n_input,

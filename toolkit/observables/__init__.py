@@ -14,7 +14,8 @@ Typical order for one (prompt, layer) cloud::
     mean, std = cosine_stats(X, D2)
 """
 
-from .distances import first_occurrences, pairwise_distances, sorted_neighbors, squared_distances, unique_rows
+from .distances import (first_occurrences, pairwise_distances, shared_rows, sorted_neighbors, squared_distances,
+                        unique_rows)
 from .divergence import gaussian_kl_divergence, knn_kl_divergence
 from .global_shape import anisotropy, cosine_stats, norm_mean
 from .intrinsic_dimension import gride_ranks, gride_scaling, twonn_id
@@ -33,6 +34,7 @@ __all__ = [
     "nn_reciprocity",
     "norm_mean",
     "pairwise_distances",
+    "shared_rows",
     "sorted_neighbors",
     "squared_distances",
     "twonn_id",

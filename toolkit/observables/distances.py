@@ -64,6 +64,23 @@ def unique_rows(X):
     return np.asarray(X)[keep], keep.size
 
 
+def shared_rows(X, Y):
+    """Which rows of X are also rows of Y, and which rows of Y are also rows of X (exact copies, compared as in
+    `first_occurrences`: at Euclidean distance 0).
+
+    X: (n, dim), Y: (m, dim) float arrays. Returns ((n,) bool, (m,) bool).
+    """
+    X, Y = np.asarray(X), np.asarray(Y)
+    n = len(X)
+    first = _first_copies(np.concatenate([X, Y.astype(X.dtype, copy=False)]))
+    first_x, first_y = first[:n], first[n:]
+    # A row of Y is shared when its first copy lies in X; a row of X when it is the first copy of such a row
+    # (or a copy of the same first row within X).
+    in_y = first_y < n
+    in_x = np.isin(first_x, first_y[in_y])
+    return in_x, in_y
+
+
 def _squared_distances(A, B=None):
     """Squared Euclidean distances between the rows of A, (a, dim), and of B, (b, dim) (B=None: A with itself).
 

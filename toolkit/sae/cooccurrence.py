@@ -38,8 +38,10 @@ from ..observables import (AFFINITIES, affinity, affinity_spectrum, block_occurr
                            covariance_spectrum, default_fit_range, isotropic_reference, lobe_ami,
                            lobe_logreg_accuracy, power_law_slope, spectral_lobes)
 from ..store.activations import source_identity
-from ..store.sae_results import create_sae_results_store, finish_sae_results_store
-from ..summarize.cluster import task_settings
+from ..runtime.partial import Partial
+from ..store.sae_results import create_sae_results_store
+from ..store.zarr_io import consolidate
+from ..runtime.cluster import task_settings
 from .files import CFG_FILE, WEIGHTS_FILE, encode, load_sae
 from .layer import StoreLayer
 
@@ -224,15 +226,16 @@ def _lobe_statistics(A, occurring, sae, settings: CooccurrenceSettings, metric: 
 
 
 def analyse_and_write(settings: CooccurrenceSettings, source: StoreLayer, sae, sae_id: dict, n_blocks: int,
-                      counts) -> None:
-    """Stage 2: write counts, affinities, spectra, lobes and galaxy spectra to a new results store."""
+                      counts, directory: str) -> None:
+    """Stage 2: write counts, affinities, spectra, lobes and galaxy spectra to a new results store in
+    ``directory``."""
     galaxy = _galaxy({"decoder": sae.W_dec, "activations": _galaxy_sample(source, sae, settings.galaxy_tokens)},
                      settings.seed)
     attrs = {"toolkit_version": __version__, "source": source_identity(settings.store, source.group),
              "sae": sae_id, "layer": settings.layer, "special_token_ids": source.special_ids.tolist(),
              "parameters": settings.recorded(),
              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    partial, group = create_sae_results_store(settings.out, d_sae=sae.d_sae, clusters=settings.clusters,
+    group = create_sae_results_store(directory, d_sae=sae.d_sae, clusters=settings.clusters,
                                               galaxy_width=galaxy["galaxy_eigenvalues"].shape[1], attrs=attrs)
     group["n_blocks"][...] = n_blocks
     group["cooccurrence"][...] = counts
@@ -247,7 +250,7 @@ def analyse_and_write(settings: CooccurrenceSettings, source: StoreLayer, sae, s
         _log(f"sae cooccurrence: {metric}: affinity, spectrum and lobes ({time.monotonic() - t0:.1f} s)")
     for name, values in galaxy.items():
         group[name][...] = values
-    finish_sae_results_store(partial, settings.out)
+    consolidate(directory)
 
 
 def check_inputs(settings: CooccurrenceSettings) -> tuple:
@@ -267,13 +270,14 @@ def run_cooccurrence(settings: CooccurrenceSettings, client, checked: tuple) -> 
     """The whole job on the Dask ``client``; ``checked`` is what `check_inputs` returned."""
     source, sae, sae_id = checked
     t0 = time.monotonic()
-    n_blocks, counts = count_cooccurrence(client, settings, source, sae_id)
-    if n_blocks == 0:
-        raise UserError(f"no prompt of {settings.store} has {settings.block} tokens: no complete block to count; "
-                        f"pass a smaller --block")
-    _log(f"sae cooccurrence: {n_blocks} blocks of {settings.block} tokens, {np.count_nonzero(counts)} "
-         f"co-occurring pairs "
-         f"({time.monotonic() - t0:.1f} s)")
-    analyse_and_write(settings, source, sae, sae_id, n_blocks, counts)
+    with Partial(settings.out, "repgeo sae cooccurrence") as partial:  # claimed first: a second start is refused now
+        n_blocks, counts = count_cooccurrence(client, settings, source, sae_id)
+        if n_blocks == 0:
+            raise UserError(f"no prompt of {settings.store} has {settings.block} tokens: no complete block to count; "
+                            f"pass a smaller --block")
+        _log(f"sae cooccurrence: {n_blocks} blocks of {settings.block} tokens, {np.count_nonzero(counts)} "
+             f"co-occurring pairs ({time.monotonic() - t0:.1f} s)")
+        analyse_and_write(settings, source, sae, sae_id, n_blocks, counts, partial.path)
+        partial.finish()
     _log(f"sae cooccurrence: complete: {settings.out} ({time.monotonic() - t0:.1f} s)")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..runtime.cluster import run_with_client, start_mpi
 from .cooccurrence import CooccurrenceSettings, check_inputs, run_cooccurrence
 from .train import TrainSettings, train_sae
 
@@ -14,27 +15,11 @@ def run_train(args) -> int:
 
 
 def run_sae_cooccurrence(args) -> int:
-    if args.scheduler == "mpi":  # MPI first, so that the errors below are printed once (by rank 0), not per rank
-        from ..extract.ranks import mpi_ranks
-
-        ranks = mpi_ranks()
+    ranks = start_mpi(args.scheduler)
     settings = CooccurrenceSettings(store=args.store, sae=args.sae, layer=args.layer, out=args.out,
                                     threshold=args.threshold, block=args.block, clusters=args.clusters,
                                     seed=args.seed, permutations=args.permutations,
                                     galaxy_tokens=args.galaxy_tokens)
     checked = check_inputs(settings)  # under MPI every rank refuses alike
-    if args.scheduler == "mpi":
-        from ..summarize.cluster import run_on_mpi
-
-        run_on_mpi(lambda client: run_cooccurrence(settings, client, checked), ranks)
-    elif args.scheduler == "local":
-        from ..summarize.cluster import local_client
-
-        with local_client(args.workers) as client:
-            run_cooccurrence(settings, client, checked)
-    else:
-        from ..summarize.cluster import address_client
-
-        with address_client(args.scheduler) as client:
-            run_cooccurrence(settings, client, checked)
+    run_with_client(args.scheduler, args.workers, lambda client: run_cooccurrence(settings, client, checked), ranks)
     return 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import UserError
+from ..runtime.partial import Partial
 from ..store.activations import source_identity
 from .files import encode, load_sae, save_sae
 from .layer import StoreLayer, sae_hook_name
@@ -186,8 +186,6 @@ def _device(setting: str) -> str:
 
 def train_sae(settings: TrainSettings) -> dict:
     """Train, save to ``settings.out`` (SAELens layout) and evaluate; returns the evaluation dict."""
-    import torch
-
     if os.path.exists(settings.out):
         raise UserError(f"{settings.out} already exists; choose a new --out (an SAE directory is never overwritten)")
     layer = StoreLayer(settings.store, settings.layer)
@@ -197,6 +195,19 @@ def train_sae(settings: TrainSettings) -> dict:
         raise UserError(f"--k {settings.k} must lie in 1..--features ({d_sae})")
     if min(settings.epochs, settings.batch_tokens, settings.buffer_tokens) < 1 or settings.lr <= 0:
         raise UserError("--epochs, --batch-tokens and the buffer must be at least 1 and --lr positive")
+    with Partial(settings.out, "repgeo sae train") as partial:  # claimed first: a second start is refused now
+        report, t0 = _train_into(partial.path, settings, layer, d_in, d_sae)
+        partial.finish()
+    _log(f"sae train: saved {settings.out}: explained variance {report['explained_variance']:.4f}, "
+         f"{report['dead_features']} dead features of {d_sae}, mean L0 {report['mean_l0']:.1f}, "
+         f"{report['tokens']} tokens evaluated ({time.monotonic() - t0:.0f} s)")
+    return report
+
+
+def _train_into(partial: str, settings: TrainSettings, layer, d_in: int, d_sae: int) -> tuple:
+    """Train and evaluate; save the SAE into the directory ``partial``. Returns (evaluation, start time)."""
+    import torch
+
     device = _device(settings.device)
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
@@ -236,8 +247,6 @@ def train_sae(settings: TrainSettings) -> dict:
                   "toolkit_version": __version__,
                   "training": dict(asdict(settings), features=d_sae, device=device, input_scale=scale,
                                    tokens_seen=seen, seconds=round(time.monotonic() - t0, 1))}
-    partial = settings.out.rstrip("/") + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
     save_sae(partial, W_enc, b_enc, W_dec, b_dec, "topk", k=settings.k,
              extra_cfg={"model_name": layer.group.attrs["model"]["id"], "hook_name": sae_hook_name(settings.layer),
                         "repgeo": provenance})
@@ -248,8 +257,4 @@ def train_sae(settings: TrainSettings) -> dict:
     cfg["repgeo"]["evaluation"] = report
     with open(cfg_path, "w") as f:
         f.write(json.dumps(cfg, indent=2) + "\n")
-    os.replace(partial, settings.out)
-    _log(f"sae train: saved {settings.out}: explained variance {report['explained_variance']:.4f}, "
-         f"{report['dead_features']} dead features of {d_sae}, mean L0 {report['mean_l0']:.1f}, "
-         f"{report['tokens']} tokens evaluated ({time.monotonic() - t0:.0f} s)")
-    return report
+    return report, t0

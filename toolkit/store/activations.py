@@ -17,13 +17,13 @@ Layout (specified in ``schemas/activation-store.schema.json``):
 from __future__ import annotations
 
 import os
-import shutil
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from ..errors import UserError
+from ..runtime.partial import Partial
 from .zarr_io import consolidate, eager_labels, label_array, open_repgeo_group, quiet_zarr, write_1d
 
 KIND = "activations"
@@ -62,19 +62,26 @@ def create_activation_store(path: str, plan, *, n_layers: int, d_model: int, dty
                             withhold_texts: bool) -> zarr.Group:
     """Create the store with its plan (ids, lengths, labels, texts) written and no prompt done.
 
-    It is built at ``path + ".partial"`` and renamed into place only when complete, so a store at ``path`` always
-    has its full metadata, whatever moment a run is killed at.
+    It is built in a partial directory this job owns (:class:`~toolkit.runtime.partial.Partial`) and renamed
+    into place only when complete, so a store at ``path`` always has its full metadata, whatever moment a run is
+    killed at.
     """
     quiet_zarr()
-    partial = path.rstrip("/") + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
+    with Partial(path, "repgeo extract") as partial:
+        _build_activation_store(partial.path, plan, n_layers=n_layers, d_model=d_model, dtype=dtype, attrs=attrs,
+                                withhold_texts=withhold_texts)
+        partial.finish()
+    return zarr.open_group(path, mode="r+", zarr_format=3)
+
+
+def _build_activation_store(partial: str, plan, *, n_layers, d_model, dtype, attrs, withhold_texts):
     n_prompts = len(plan.prompts)
     n_tokens = plan.n_tokens
     width = int(n_tokens.max())
     labels = label_arrays(plan.prompts)
     coords = " ".join(["n_tokens", *(["text_sha256"] if withhold_texts else ["text"]), *labels])
 
-    group = zarr.open_group(partial, mode="w", zarr_format=3)
+    group = zarr.create_group(partial, zarr_format=3)
     group.attrs.update(dict(attrs, repgeo={"kind": KIND, "schema_version": SCHEMA_VERSION}))
     group.create_array(
         "hidden", shape=(n_prompts, n_layers, width, d_model), dtype=STORED_DTYPES[dtype],
@@ -115,8 +122,6 @@ def create_activation_store(path: str, plan, *, n_layers: int, d_model: int, dty
     for name, values in labels.items():
         write_1d(group, name, values, "prompt")
     consolidate(partial)
-    os.replace(partial, path)
-    return zarr.open_group(path, mode="r+", zarr_format=3)
 
 
 def open_activation_group(path: str, mode: str = "r") -> zarr.Group:

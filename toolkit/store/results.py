@@ -7,13 +7,11 @@ the activation store is a coordinate on ``prompt``. Specified in ``schemas/resul
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from ..runtime.partial import Partial
 from .info import LAYOUT
 from .zarr_io import consolidate, eager_labels, open_repgeo_group, quiet_zarr, write_1d
 
@@ -42,7 +40,12 @@ VARIABLES = {
     "group_gride_err": (("group", "layer", "n2"), "float64", "GRIDE error bar"),
     "group_gride_scale": (("group", "layer", "n2"), "float64", "distance scale"),
     "group_anisotropy": (("group", "layer"), "float64", "anisotropy of the group's pooled tokens"),
-    "group_kl": (("group", "layer"), "float64", "KL(group || reference), k-NN estimator (Wang-Kulkarni-Verdú), nats"),
+    "group_kl": (("group", "layer"), "float64",
+                 "KL(group || reference), k-NN estimator (Wang-Kulkarni-Verdú) on the distinct vectors that the two "
+                 "pools do not share, nats"),
+    "group_n_shared": (("group", "layer"), "int32",
+                       "distinct vectors of the group's pool that the reference pool holds too, left out of group_kl "
+                       "(-1: the reference itself)"),
 }
 
 
@@ -53,18 +56,23 @@ def _fill(dtype: str):
 def create_results_store(path: str, *, source, params, variables: list, groups: list | None, attrs: dict):
     """Create the results store for ``source`` (the activation store's zarr group) with NaN-filled variables.
 
-    Built at ``path + ".partial"`` and renamed into place when complete (like the activation store).
+    Built in a partial directory this job owns and renamed into place when complete (like the activation store).
     """
     quiet_zarr()
-    partial = path.rstrip("/") + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
+    with Partial(path, "repgeo summarize") as partial:
+        _build_results_store(partial.path, source=source, params=params, variables=variables, groups=groups,
+                             attrs=attrs)
+        partial.finish()
+
+
+def _build_results_store(partial: str, *, source, params, variables, groups, attrs):
     n_prompts, n_layers, width, _ = source["hidden"].shape
     sizes = {"prompt": n_prompts, "layer": n_layers, "n2": len(params.n2), "k": params.overlap_k,
              "token": width, "neighbor": params.overlap_k, "group": len(groups or [])}
     labels = [name for name, _ in source.arrays() if name not in LAYOUT]
     coords = " ".join(["n_tokens", *labels])
 
-    group = zarr.open_group(partial, mode="w", zarr_format=3)
+    group = zarr.create_group(partial, zarr_format=3)
     group.attrs.update(dict(attrs, repgeo={"kind": KIND, "schema_version": SCHEMA_VERSION}))
     for name in variables:
         dims, dtype, description = VARIABLES[name]
@@ -98,7 +106,6 @@ def create_results_store(path: str, *, source, params, variables: list, groups: 
         write_1d(group, "group", np.array([str(g) for g in groups], dtype=object), "group",
                  {"label": params.groupby})
     consolidate(partial)
-    os.replace(partial, path)
 
 
 def open_results_group(path: str, mode: str = "r") -> zarr.Group:

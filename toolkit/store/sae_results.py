@@ -9,15 +9,12 @@ in 1024 × 1024 tiles, so a reader can take any block of features. Specified in
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from ..observables import AFFINITIES
-from .zarr_io import consolidate, quiet_zarr, write_1d
+from .zarr_io import quiet_zarr, write_1d
 
 KIND = "sae_cooccurrence"
 SCHEMA_VERSION = "1.0"
@@ -53,14 +50,12 @@ VARIABLES = {
 }
 
 
-def create_sae_results_store(path: str, *, d_sae: int, clusters, galaxy_width: int, attrs: dict) -> tuple:
-    """Create the store's arrays (fill values: NaN, -1) at ``path + ".partial"``; returns (partial path, group)."""
+def create_sae_results_store(directory: str, *, d_sae: int, clusters, galaxy_width: int, attrs: dict) -> zarr.Group:
+    """Create the store's arrays (fill values: NaN, -1) in ``directory`` (the job's partial directory)."""
     quiet_zarr()
-    partial = path.rstrip("/") + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
     sizes = {"feature": d_sae, "feature_b": d_sae, "metric": len(AFFINITIES), "eig": d_sae,
              "n_clusters": len(clusters), "cloud": len(CLOUDS), "rank": galaxy_width}
-    group = zarr.open_group(partial, mode="w", zarr_format=3)
+    group = zarr.create_group(directory, zarr_format=3)
     group.attrs.update(dict(attrs, repgeo={"kind": KIND, "schema_version": SCHEMA_VERSION}))
     for name, (dims, dtype, description) in VARIABLES.items():
         shape = tuple(sizes[d] for d in dims)
@@ -75,10 +70,4 @@ def create_sae_results_store(path: str, *, d_sae: int, clusters, galaxy_width: i
     write_1d(group, "n_clusters", np.asarray(clusters, dtype=np.int64), "n_clusters")
     write_1d(group, "cloud", np.array(CLOUDS, dtype=object), "cloud")
     write_1d(group, "rank", np.arange(1, galaxy_width + 1, dtype=np.int64), "rank")
-    return partial, group
-
-
-def finish_sae_results_store(partial: str, path: str):
-    """Consolidate the metadata of a fully written store and move it into place."""
-    consolidate(partial)
-    os.replace(partial, path)
+    return group

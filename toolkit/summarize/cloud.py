@@ -52,7 +52,9 @@ def _distance_columns(params, n_unique: int, gride: bool) -> int:
 def prompt_observables(layers, params, n_layers: int, width: int) -> dict:
     """All per-(prompt, layer) observables of one prompt.
 
-    layers: iterable of (token, dim) arrays, layer 0 first (the prompt's n_tokens vectors at each layer).
+    layers: iterable of (token, dim) arrays, layer 0 first (the prompt's vectors at each layer: positions
+    ``params.skip_tokens`` … n_tokens-1; the knn tables keep positions, so their rows and indices are shifted
+    back by skip_tokens).
     Overlap at layer l compares layers l and l+1 on all points (self excluded, ties to the lower index);
     GRIDE, TwoNN and the nearest-neighbour statistics use the cloud with exact duplicates removed
     (``n_unique`` points). One squared-distance matrix per cloud serves every observable (the de-duplicated
@@ -83,8 +85,9 @@ def prompt_observables(layers, params, n_layers: int, width: int) -> dict:
                 out["overlap"][layer - 1, : len(valid)] = obs.neighborhood_overlap(previous, idx[:, :k], valid)
             previous = idx[:, :k]
             if params.save_knn:
-                out["knn_index"][layer, :n, :k] = idx[:, :k]
-                out["knn_distance"][layer, :n, :k] = dist[:, :k]
+                at = slice(params.skip_tokens, params.skip_tokens + n)
+                out["knn_index"][layer, at, :k] = idx[:, :k] + params.skip_tokens
+                out["knn_distance"][layer, at, :k] = dist[:, :k]
         if dedup:
             D2u, n_unique = D2, n
             if not dist[:, 0].all():  # a zero nearest-neighbour distance: duplicates (D == 0 only for copies)
@@ -118,8 +121,10 @@ def group_observables(pools: dict, params) -> dict:
     """Per-group observables at one layer. pools: group name → (token, dim) pooled sample of that group.
 
     Returns name → (group,) or (group, n2) arrays in the order of ``pools``. ``group_kl`` is
-    KL(group || reference) by the k-NN estimator on de-duplicated pools (NaN where it is undefined, e.g.
-    when the two pools share a vector, as identical tokens do at the embedding layer).
+    KL(group || reference) by the k-NN estimator on the distinct vectors of each pool that the other pool does
+    not hold: vectors found in both (identical tokens at the embedding layer; identical openings of documents
+    at every layer of a model without BOS) would put a zero distance into the estimator's logarithm. Their count
+    is ``group_n_shared`` (-1 for the reference). NaN where fewer than k + 1 distinct unshared vectors remain.
     """
     names = list(pools)
     G, S = len(names), len(params.n2)
@@ -131,6 +136,7 @@ def group_observables(pools: dict, params) -> dict:
         out["group_anisotropy"] = np.full(G, np.nan)
     if params.wants("group_kl"):
         out["group_kl"] = np.full(G, np.nan)
+        out["group_n_shared"] = np.full(G, -1, dtype=np.int32)
     unique = {g: obs.unique_rows(np.asarray(X, dtype=np.float64))[0] for g, X in pools.items()}
     for i, g in enumerate(names):
         Xu = unique[g]
@@ -144,8 +150,9 @@ def group_observables(pools: dict, params) -> dict:
         if params.wants("group_kl") and g == params.reference:
             out["group_kl"][i] = 0.0  # by definition; the estimator on a sample against itself is biased
         elif params.wants("group_kl"):
-            ref = unique[params.reference]
-            k = min(params.kl_k, len(Xu) - 1, len(ref))
-            if k >= 1:
-                out["group_kl"][i] = obs.knn_kl_divergence(Xu, ref, k=k)
+            in_ref, in_group = obs.shared_rows(Xu, unique[params.reference])
+            out["group_n_shared"][i] = in_ref.sum()
+            own, ref = Xu[~in_ref], unique[params.reference][~in_group]
+            if min(len(own) - 1, len(ref)) >= params.kl_k:
+                out["group_kl"][i] = obs.knn_kl_divergence(own, ref, k=params.kl_k)
     return out

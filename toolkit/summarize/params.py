@@ -22,7 +22,7 @@ PROMPT_OBSERVABLES = {
 GROUP_OBSERVABLES = {
     "group_gride": ("group_gride_id", "group_gride_err", "group_gride_scale"),
     "group_anisotropy": ("group_anisotropy",),
-    "group_kl": ("group_kl",),
+    "group_kl": ("group_kl", "group_n_shared"),
 }
 
 
@@ -41,6 +41,7 @@ class SummarizeParams:
     group_size: int = 2000  # tokens pooled per group (subsampled with seed)
     kl_k: int = 5  # neighbour rank of the k-NN KL estimator
     seed: int = 0
+    skip_tokens: int = 0  # positions 0 … skip_tokens-1 of every prompt are left out of every cloud and pool
 
     @property
     def ks(self) -> np.ndarray:

@@ -17,7 +17,7 @@ from ..store.zarr_io import consolidate
 from ..store.results import VARIABLES, create_results_store, open_results_group, write_prompt_results
 from .cloud import empty_prompt_results
 from .params import GROUP_OBSERVABLES, SummarizeParams
-from .tasks import group_members, group_task, group_values, prompt_task
+from .tasks import group_task, group_values, prompt_task, store_group_members
 
 
 def _log(msg: str):
@@ -33,7 +33,7 @@ def _variables(params, n_layers: int) -> list:
 
 
 def check_inputs(store: str, out: str, params: SummarizeParams, resume: bool):
-    """Everything that can be refused before any work starts; returns the source group and the group values."""
+    """Everything that can be refused before any work starts; returns the group values (None without --groupby)."""
     source = open_activation_group(store)
     labels = [name for name, _ in source.arrays() if name not in LAYOUT]
     groups = None
@@ -60,7 +60,11 @@ def check_inputs(store: str, out: str, params: SummarizeParams, resume: bool):
                             f"same ones, or choose a new --out")
     if not source["done"][:].any():
         raise UserError(f"{store} has no finished prompt; complete it with repgeo extract --resume first")
-    return source, groups
+    longest = int(source["n_tokens"][:].max())
+    if params.skip_tokens + 3 > longest:
+        raise UserError(f"--skip-tokens {params.skip_tokens} leaves fewer than 3 tokens in every prompt of {store} "
+                        f"(the longest has {longest}); skip fewer")
+    return groups
 
 
 def summarize(store: str, out: str, params: SummarizeParams, client, groups) -> None:
@@ -103,11 +107,8 @@ def summarize(store: str, out: str, params: SummarizeParams, client, groups) -> 
         # Pools of a partial store would differ from the final ones (and may lack the reference group): wait.
         _log(f"summarize: group observables wait until {store} is complete; then rerun with --resume")
     elif groups and not results.attrs.get("groups_done"):
-        labels = source[params.groupby][:]
-        members = group_members(labels, source["n_tokens"][:], source_done, params)
-        members = {str(k): v for k, v in members.items()}
-        futures = client.map(group_task, [store] * n_layers, range(n_layers), members=members, params=params,
-                             pure=False)
+        members = store_group_members(source, params)  # the same the workers derive
+        futures = client.map(group_task, [store] * n_layers, range(n_layers), params=params, pure=False)
         index = {g: i for i, g in enumerate(str(g) for g in groups)}
         rows = [index[g] for g in members]
         for _, (layer, values) in as_completed(futures, with_results=True):

@@ -1,16 +1,31 @@
 """Work units that Dask workers run: read slabs from the activation store, hand them to the pure math.
 
 Each task opens the store itself and reads one (prompt, layer) slab at a time, so a worker holds a few slabs
-whatever the store's size.
+whatever the store's size. Tasks take only small arguments (a path, indices, the parameters): what they need of
+the store, such as the members of the groups, they read from it (distributed refuses to carry large arguments).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..errors import UserError
+from ..runtime.cluster import task_settings
 from ..store.activations import open_activation_group
 from .cloud import group_observables, prompt_observables
-from .cluster import task_settings
+
+
+def _slab(hidden, store: str, prompt: int, layer: int, start: int, stop: int) -> np.ndarray:
+    """Positions start … stop-1 of one (prompt, layer) slab: (token, dim); refuses data that is not there.
+
+    A prompt marked done always has finite values within n_tokens; NaN there means a chunk is missing or was
+    overwritten, and computing on it would store NaN as if it were a result.
+    """
+    X = hidden[prompt, layer, start:stop]
+    if not np.isfinite(X).all():
+        raise UserError(f"{store}: prompt {prompt} is marked done but its hidden states at layer {layer} are missing "
+                        f"or not finite; run repgeo validate {store} and re-extract that store")
+    return X
 
 
 def prompt_task(store: str, prompt: int, params) -> tuple:
@@ -20,7 +35,7 @@ def prompt_task(store: str, prompt: int, params) -> tuple:
         hidden = group["hidden"]
         n = int(group["n_tokens"][prompt])
         n_layers, width = hidden.shape[1], hidden.shape[2]
-        slabs = (hidden[prompt, layer, :n] for layer in range(n_layers))
+        slabs = (_slab(hidden, store, prompt, layer, params.skip_tokens, n) for layer in range(n_layers))
         return prompt, prompt_observables(slabs, params, n_layers, width)
 
 
@@ -33,12 +48,14 @@ def group_values(labels: np.ndarray) -> list:
 def group_members(labels: np.ndarray, n_tokens: np.ndarray, done: np.ndarray, params) -> dict:
     """Group value → (prompt, token) pairs pooled for that group, subsampled to ``group_size`` with the seed.
 
-    The same pairs are used at every layer, so a group's curve follows the same tokens through the model.
+    Positions before ``skip_tokens`` are left out. The same pairs are used at every layer, so a group's curve
+    follows the same tokens through the model.
     """
     members = {}
     for i, value in enumerate(group_values(labels[done])):
         prompts = np.flatnonzero((labels == value) & done)
-        pairs = np.concatenate([np.stack([np.full(n_tokens[p], p), np.arange(n_tokens[p])], 1) for p in prompts])
+        pairs = np.concatenate([np.stack([np.full(max(n_tokens[p] - params.skip_tokens, 0), p),
+                                          np.arange(params.skip_tokens, n_tokens[p])], 1) for p in prompts])
         if len(pairs) > params.group_size:
             rng = np.random.default_rng([params.seed, i])
             pairs = pairs[np.sort(rng.choice(len(pairs), params.group_size, replace=False))]
@@ -46,15 +63,26 @@ def group_members(labels: np.ndarray, n_tokens: np.ndarray, done: np.ndarray, pa
     return members
 
 
-def group_task(store: str, layer: int, members: dict, params) -> tuple:
-    """Group observables at one layer: (layer, name → (group, …) array)."""
+def store_group_members(group, params) -> dict:
+    """`group_members` of an open activation store (its labels, lengths and done flags), keys as strings."""
+    members = group_members(group[params.groupby][:], group["n_tokens"][:], group["done"][:], params)
+    return {str(k): v for k, v in members.items()}
+
+
+def group_task(store: str, layer: int, params) -> tuple:
+    """Group observables at one layer: (layer, name → (group, …) array), groups in `store_group_members` order.
+
+    The members are derived here from the store, not sent: pooled index arrays of dozens of groups of long
+    prompts exceed what distributed carries as a task argument.
+    """
     with task_settings():
-        hidden = open_activation_group(store)["hidden"]
+        source = open_activation_group(store)
+        hidden = source["hidden"]
         pools = {}
-        for value, pairs in members.items():
+        for value, pairs in store_group_members(source, params).items():
             rows = []
             for p in np.unique(pairs[:, 0]):
                 tokens = pairs[pairs[:, 0] == p, 1]
-                rows.append(hidden[int(p), layer, : int(tokens.max()) + 1][tokens])
-            pools[value] = np.concatenate(rows)
+                rows.append(_slab(hidden, store, int(p), layer, 0, int(tokens.max()) + 1)[tokens])
+            pools[value] = np.concatenate(rows) if rows else np.empty((0, hidden.shape[3]), hidden.dtype)
         return layer, group_observables(pools, params)

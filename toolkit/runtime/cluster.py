@@ -65,10 +65,34 @@ def address_client(address: str):
 
     try:
         client = Client(address, timeout="20s")
-    except OSError as e:
-        raise UserError(f"cannot reach a Dask scheduler at {address} ({e}); start one or use --scheduler local") from None
+    except (OSError, ValueError, TypeError) as e:  # unreachable, timed out, or not an address distributed parses
+        raise UserError(f"cannot reach a Dask scheduler at {address} ({type(e).__name__}: {e}); start one or use "
+                        f"--scheduler local") from None
     with client:
         yield client
+
+
+def start_mpi(scheduler: str):
+    """The MPI ranks when ``scheduler`` is "mpi" (else None). Called before any input check, so that an error every
+    rank finds alike is printed once, by rank 0."""
+    if scheduler != "mpi":
+        return None
+    from .ranks import mpi_ranks
+
+    return mpi_ranks()
+
+
+def run_with_client(scheduler: str, workers: int | None, client_function, ranks=None):
+    """Run ``client_function(client)`` on the chosen Dask cluster and return its result.
+
+    scheduler: "local" (a cluster of ``workers`` one-thread processes on this node), "mpi" (the ranks from
+    `start_mpi`, under mpiexec or srun: every rank returns the result) or the address of a running scheduler.
+    """
+    if scheduler == "mpi":
+        return run_on_mpi(client_function, ranks)
+    context = local_client(workers) if scheduler == "local" else address_client(scheduler)
+    with context as client:
+        return client_function(client)
 
 
 def run_on_mpi(client_function, ranks) -> object:

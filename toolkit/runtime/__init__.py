@@ -1,0 +1,1 @@
+"""What every job shares: MPI ranks, Dask clients, task settings, the partial-directory builder, option grammar."""
