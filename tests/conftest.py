@@ -74,7 +74,8 @@ def train_tiny_tokenizer():
                                    unk_token="<unk>")
 
 
-def save_tiny_llama(directory, tokenizer, seed: int = 0, scale_down_proj: dict | None = None):
+def save_tiny_llama(directory, tokenizer, seed: int = 0, scale_down_proj: dict | None = None,
+                    max_positions: int = 512):
     """Save a random 4-layer, 64-dim Llama with ``tokenizer`` to ``directory``.
 
     scale_down_proj: block index → factor applied to that block's MLP down-projection (to provoke large values).
@@ -83,7 +84,7 @@ def save_tiny_llama(directory, tokenizer, seed: int = 0, scale_down_proj: dict |
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     torch.manual_seed(seed)
@@ -99,6 +100,13 @@ def save_tiny_llama(directory, tokenizer, seed: int = 0, scale_down_proj: dict |
 def tiny_model():
     """Directory of a tiny random Llama (4 layers x 64 dims, vocab ~400) with its tokenizer; loads in ms."""
     return str(build_atomically(CACHE / "tiny-llama-v1", lambda d: save_tiny_llama(d, train_tiny_tokenizer())))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_long():
+    """``tiny_model`` taking prompts of up to 2048 tokens: researchers' 1024-token prompts at unit-test speed."""
+    return str(build_atomically(CACHE / "tiny-llama-long-v1",
+                                lambda d: save_tiny_llama(d, train_tiny_tokenizer(), max_positions=2048)))
 
 
 @pytest.fixture(scope="session")
@@ -313,3 +321,38 @@ class ManyPrompts:
 def many_prompts(tmp_path_factory, tiny_model, run_repgeo):
     """:class:`ManyPrompts` for the tiny model; its stores are extracted on first use, once per session."""
     return ManyPrompts(tmp_path_factory.mktemp("many"), tiny_model, run_repgeo)
+
+
+#: Set to 1 to let the Slurm tests skip where no local cluster can start; otherwise they fail, so CI cannot hide it.
+SKIP_SLURM_VARIABLE = "REPGEO_SKIP_SLURM"
+
+
+def slurm_unavailable(reason: str):
+    """Fail the calling test with ``reason``, or skip it when REPGEO_SKIP_SLURM=1 opts out of the Slurm tests."""
+    if os.environ.get(SKIP_SLURM_VARIABLE) == "1":
+        pytest.skip(f"{reason} ({SKIP_SLURM_VARIABLE}=1)")
+    pytest.fail(f"{reason}; set {SKIP_SLURM_VARIABLE}=1 to skip the Slurm tests on purpose")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """``bin/slurm-local up``'s finished process (idempotent; the cluster stays up after the tests).
+
+    Where it cannot start (not root, no apt-get, a failed set-up), the tests that need it fail, unless
+    REPGEO_SKIP_SLURM=1.
+    """
+    import shutil
+
+    if os.geteuid() != 0:
+        slurm_unavailable("bin/slurm-local must run as root to start the Slurm daemons")
+    if shutil.which("apt-get") is None and shutil.which("sbatch") is None:
+        slurm_unavailable("Slurm is not installed and there is no apt-get to install it")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    try:
+        up = subprocess.run([str(REPO / "bin" / "slurm-local"), "up"], env=env, capture_output=True, text=True,
+                            timeout=600)
+    except subprocess.TimeoutExpired:
+        slurm_unavailable("bin/slurm-local up did not finish within 600 s")
+    if up.returncode != 0:
+        slurm_unavailable(f"bin/slurm-local up could not set up Slurm (exit {up.returncode}): {up.stderr[-2000:]}")
+    return up

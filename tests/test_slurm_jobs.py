@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ import pytest
 import zarr
 
 REPO = Path(__file__).resolve().parents[1]
-SLURM_LOCAL = REPO / "bin" / "slurm-local"
 REPGEO = REPO / ".venv" / "bin" / "repgeo"
 #: Seconds a job may take from submission to its end (a requeued one runs twice, 10-15 s apart).
 JOB_TIMEOUT_S = 300
@@ -38,9 +36,6 @@ EXTRACT_ARGS = ("--batch-size", "1")
 pytestmark = [
     pytest.mark.slurm,
     pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="bin/slurm-local must run as root to start the Slurm daemons"),
-    pytest.mark.skipif(shutil.which("apt-get") is None and shutil.which("sbatch") is None,
-                       reason="Slurm is not installed and there is no apt-get to install it"),
 ]
 
 SENTENCES = [
@@ -140,14 +135,9 @@ class Job:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """``bin/slurm-local up`` (idempotent); the tests are skipped when it cannot set Slurm up."""
-    try:
-        up = subprocess.run([str(SLURM_LOCAL), "up"], env=_plain_env(), capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        pytest.skip("bin/slurm-local up did not finish within 600 s")
-    if up.returncode != 0:
-        pytest.skip(f"bin/slurm-local up could not set up Slurm (exit {up.returncode}): {up.stderr[-2000:]}")
+def cluster(slurm_cluster):
+    """The local Slurm cluster (see ``slurm_cluster``: its absence fails these tests unless REPGEO_SKIP_SLURM=1)."""
+    return slurm_cluster
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ fresh shell: that /etc/slurm/slurm.conf leads to the cluster is part of what is 
 """
 
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -20,9 +19,6 @@ JOB_TIMEOUT_S = 120
 
 pytestmark = [
     pytest.mark.slurm,
-    pytest.mark.skipif(os.geteuid() != 0, reason="bin/slurm-local must run as root"),
-    pytest.mark.skipif(shutil.which("apt-get") is None,
-                       reason="bin/slurm-local installs Slurm with apt-get, which is not available"),
 ]
 
 
@@ -41,13 +37,9 @@ def _slurm_local(subcommand):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """`bin/slurm-local up`'s finished process; the cluster stays up after the tests."""
-    up = subprocess.run([str(SLURM_LOCAL), "up"], env=_plain_env(), capture_output=True,
-                        text=True, timeout=600)
-    if up.returncode != 0:
-        pytest.fail(f"bin/slurm-local up failed ({up.returncode}):\n{up.stderr}")
-    return up
+def cluster(slurm_cluster):
+    """`bin/slurm-local up`'s finished process (see ``slurm_cluster``); the cluster stays up after the tests."""
+    return slurm_cluster
 
 
 def _sbatch_wait(script, workdir):
@@ -79,8 +71,7 @@ def _tagged_lines(output, tag):
 
 
 def test_mpich_ranks_talk_through_pmi2(cluster, tmp_path):
-    if not VENV_PYTHON.exists():
-        pytest.skip(f"no virtualenv python at {VENV_PYTHON}")
+    assert VENV_PYTHON.exists(), f"no virtualenv python at {VENV_PYTHON}: run bin/setup"
     hello = "from mpi4py import MPI; print(MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size())"
     job_id, output = _sbatch_wait(
         "#!/bin/bash\n"
