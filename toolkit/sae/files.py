@@ -5,18 +5,23 @@ A directory holds ``cfg.json`` (JSON, never unpickled) and ``sae_weights.safeten
 - ``W_enc`` (d_in, d_sae), ``b_enc`` (d_sae,), ``W_dec`` (d_sae, d_in), ``b_dec`` (d_in,);
 - JumpReLU only: ``threshold`` (d_sae,), or ``log_threshold`` (d_sae,) as SAELens training checkpoints store it.
 
-cfg fields read, in both the SAELens <= 5 and the SAELens 6 spelling:
+cfg.json is read as standard JSON (no repeated keys, NaN, Infinity or lone surrogates). cfg fields read, in both
+the SAELens <= 5 and the SAELens 6 spelling; each, when present, must have the JSON type given (strings where none
+is given; ``activation_fn_kwargs`` an object):
 
 - ``architecture``: ``"standard"`` or ``"relu"`` (ReLU), ``"jumprelu"``, ``"topk"``. Absent in very old
   configs: then ReLU. SAELens <= 5 stored TopK SAEs as ``"standard"`` with ``activation_fn_str`` (older:
   ``activation_fn``) ``"topk"``; that is read as TopK. Any other activation function (e.g. ``"tanh-relu"``)
   and other architectures (``"gated"``, ``"batchtopk"``, ...) are refused.
-- ``k`` (SAELens 6) or ``activation_fn_kwargs.k`` (SAELens <= 5): the TopK count.
-- ``apply_b_dec_to_input``: subtract ``b_dec`` before encoding; absent means true, SAELens 6's default.
-- ``d_in``, ``d_sae``: checked against the tensor shapes when present.
-- ``normalize_activations``: only ``"none"`` (or absent/null) is accepted, because the other modes rescale the
-  input with a factor that is not in the files (fold it into the weights first).
-- ``rescale_acts_by_decoder_norm`` (SAELens 6 TopK): only false (or absent) is accepted.
+- ``k`` (SAELens 6) or ``activation_fn_kwargs.k`` (SAELens <= 5): the TopK count, a positive integer at most
+  ``d_sae``.
+- ``apply_b_dec_to_input`` (boolean): subtract ``b_dec`` before encoding; absent means true, SAELens 6's default.
+- ``d_in``, ``d_sae`` (positive integers): checked against the tensor shapes when present.
+- ``normalize_activations`` (string or null): only ``"none"`` (or absent/null) is accepted, because the other
+  modes rescale the input with a factor that is not in the files (fold it into the weights first).
+- ``rescale_acts_by_decoder_norm`` (SAELens 6 TopK, boolean): only false (or absent) is accepted.
+
+Every tensor must be floating point (F32, F16, BF16 or F64) and finite.
 
 Everything else in cfg (``hook_name``, ``model_name``, ...) is kept, unread, in ``SparseAutoencoder.cfg``.
 """
@@ -30,12 +35,32 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..prompts import strict_json
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 #: cfg spellings of the architectures → the name used here.
 _ARCHITECTURE_NAMES = {"standard": "relu", "relu": "relu", "jumprelu": "jumprelu", "topk": "topk"}
 _FIX_ARCH = "use a ReLU ('standard'), 'jumprelu' or 'topk' SAE"
+_STRING = (lambda v: isinstance(v, str), "a string")
+_BOOLEAN = (lambda v: isinstance(v, bool), "true or false")
+_COUNT = (lambda v: type(v) is int and v >= 1, "a positive integer")  # type(): bool is an int subclass
+#: cfg fields read here (path into cfg.json → test, what it must be), parents before children.
+_CFG_FIELDS = {
+    ("architecture",): _STRING,
+    ("activation_fn_str",): _STRING,
+    ("activation_fn",): _STRING,
+    ("activation_fn_kwargs",): (lambda v: isinstance(v, dict), "an object"),
+    ("activation_fn_kwargs", "k"): _COUNT,
+    ("k",): _COUNT,
+    ("d_in",): _COUNT,
+    ("d_sae",): _COUNT,
+    ("apply_b_dec_to_input",): _BOOLEAN,
+    ("rescale_acts_by_decoder_norm",): _BOOLEAN,
+    ("normalize_activations",): (lambda v: v is None or isinstance(v, str), "a string or null"),
+}
+#: safetensors dtypes read (BF16 through torch).
+_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
 @dataclass(frozen=True)
@@ -94,11 +119,16 @@ def encode(sae: SparseAutoencoder, X) -> np.ndarray:
 
 def _read_cfg(path: Path) -> dict:
     try:
-        cfg = json.loads(path.read_text())
+        cfg = strict_json(path.read_text(encoding="utf-8"), str(path))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read SAE config {path} ({e}); it must be a JSON object in the SAELens layout")
     if not isinstance(cfg, dict):
         raise UserError(f"SAE config {path} is not a JSON object; write the SAELens cfg.json fields as an object")
+    for keys, (valid, wanted) in _CFG_FIELDS.items():
+        parent = cfg.get(keys[0], {}) if len(keys) == 2 else cfg
+        if keys[-1] in parent and not valid(parent[keys[-1]]):
+            raise UserError(f"{path}: {'.'.join(keys)} is {json.dumps(parent[keys[-1]])}, it must be {wanted}; "
+                            f"correct it in the file")
     return cfg
 
 
@@ -108,24 +138,28 @@ def _read_tensors(path: Path) -> dict:
 
     try:
         with safe_open(str(path), framework="np") as f:
-            names = list(f.keys())
-            if all(f.get_slice(n).get_dtype() != "BF16" for n in names):
-                return {n: f.get_tensor(n).astype(np.float32) for n in names}
+            dtypes = {n: f.get_slice(n).get_dtype() for n in f.keys()}
+            for name, dtype in dtypes.items():
+                if dtype not in _FLOAT_DTYPES:
+                    raise UserError(f"{path}: tensor {name} is {dtype}, not floating point; re-save the SAE with "
+                                    f"{', '.join(_FLOAT_DTYPES)} tensors")
+            if "BF16" not in dtypes.values():
+                return {n: f.get_tensor(n).astype(np.float32) for n in dtypes}
         with safe_open(str(path), framework="pt") as f:
-            return {n: f.get_tensor(n).float().numpy() for n in names}
+            return {n: f.get_tensor(n).float().numpy() for n in dtypes}
     except (SafetensorError, OSError, TypeError, ValueError) as e:
         raise UserError(f"cannot read SAE weights {path} ({e}); it must be a safetensors file "
                         f"(re-save the SAE with SAELens or repgeo's save_sae)")
 
 
 def _architecture(cfg: dict, where: Path) -> str:
-    name = cfg.get("architecture")
-    arch = _ARCHITECTURE_NAMES.get(str(name).lower() if name is not None else "relu")
+    name = cfg.get("architecture", "relu")
+    arch = _ARCHITECTURE_NAMES.get(name.lower())
     if arch is None:
         raise UserError(f"{where}: SAE architecture {name!r} is not supported; {_FIX_ARCH}")
     activation = cfg.get("activation_fn_str", cfg.get("activation_fn"))
     if arch == "relu" and activation is not None:
-        activation = str(activation).lower()
+        activation = activation.lower()
         if activation == "topk":
             return "topk"
         if activation != "relu":
@@ -133,14 +167,14 @@ def _architecture(cfg: dict, where: Path) -> str:
     return arch
 
 
-def _topk_count(cfg: dict, where: Path) -> int:
-    kwargs = cfg.get("activation_fn_kwargs")
-    k = cfg.get("k", kwargs.get("k") if isinstance(kwargs, dict) else None)
-    if isinstance(k, float) and k.is_integer():
-        k = int(k)
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise UserError(f"{where}: TopK SAE needs a positive integer 'k' in cfg.json "
-                        f"(or activation_fn_kwargs.k), got {k!r}; add it")
+def _topk_count(cfg: dict, where: Path, d_sae: int) -> int:
+    """The TopK count; `_read_cfg` has checked its type."""
+    k = cfg.get("k", cfg.get("activation_fn_kwargs", {}).get("k"))
+    if k is None:
+        raise UserError(f"{where}: TopK SAE needs a positive integer 'k' in cfg.json (or activation_fn_kwargs.k); "
+                        f"add it")
+    if k > d_sae:
+        raise UserError(f"{where / CFG_FILE}: k={k} exceeds d_sae={d_sae} of the weights; set k to at most {d_sae}")
     return k
 
 
@@ -177,8 +211,9 @@ def load_sae(directory, d_model: int | None) -> SparseAutoencoder:
         raise UserError(f"{directory / WEIGHTS_FILE} lacks tensor(s) {', '.join(missing)} needed by a {arch} SAE; "
                         f"re-save it with all of {', '.join(needed)}")
     W_enc = tensors["W_enc"]
-    if W_enc.ndim != 2:
-        raise UserError(f"{directory}: W_enc has shape {W_enc.shape}, expected (d_in, d_sae); re-save the SAE")
+    if W_enc.ndim != 2 or 0 in W_enc.shape:
+        raise UserError(f"{directory}: W_enc has shape {W_enc.shape}, expected (d_in, d_sae), both at least 1; "
+                        f"re-save the SAE")
     d_in, d_sae = W_enc.shape
     expected = {"b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,), "threshold": (d_sae,)}
     for name in needed[1:]:
@@ -192,13 +227,14 @@ def load_sae(directory, d_model: int | None) -> SparseAutoencoder:
     if d_model is not None and d_in != d_model:
         raise UserError(f"SAE {directory} reads d_in={d_in} but the hidden states have d_model={d_model}; "
                         f"use an SAE trained on this model")
-    bad = [n for n in needed if not np.isfinite(tensors[n]).all()]
+    bad = [n for n, t in tensors.items() if not np.isfinite(t).all()]
     if bad:
-        raise UserError(f"{directory}: tensor(s) {', '.join(bad)} hold NaN or infinity; use an intact SAE file")
+        raise UserError(f"{directory}: tensor(s) {', '.join(bad)} hold NaN or infinity (as float32); use an intact "
+                        f"SAE file")
     return SparseAutoencoder(
         W_enc=W_enc, b_enc=tensors["b_enc"], W_dec=tensors["W_dec"], b_dec=tensors["b_dec"], architecture=arch,
-        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
-        k=_topk_count(cfg, directory) if arch == "topk" else None,
+        apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", True),
+        k=_topk_count(cfg, directory, d_sae) if arch == "topk" else None,
         threshold=tensors["threshold"] if arch == "jumprelu" else None, cfg=cfg,
     )
 
