@@ -18,7 +18,7 @@ Offline (HF_HUB_OFFLINE=1 is set). Steps, on the same machine one after another:
    `local_client(N)` (N = cores), each in a fresh process. Its seconds exclude cluster start-up and include
    each worker's one-off SAE load (under a second). Memory: peak RSS of each worker process and of the client
    process (the client also holds the SAE, as the CLI does), each next to its RSS before counting; the bytes of
-   one task's counts (`count_task` on the first PROMPTS_PER_TASK prompts, run here: a dense int32 matrix,
+   one worker's sum (`count_task` on the first PROMPTS_PER_TASK prompts, run here: a dense int32 matrix,
    4 · d_sae² bytes); and the nonzeros of the summed counts (a dense int64 matrix on the client). The counts of 1
    and N workers are asserted identical.
 4. The whole CLI (`repgeo sae cooccurrence --workers N`: counting and analysis) on a smaller synthetic SAE
@@ -107,13 +107,14 @@ def count_run(store, sae_dir, layer, workers, block):
 
 def one_task(store, sae_dir, layer, block) -> tuple:
     """(seconds, bytes of its counts) of one `count_task` on the store's first PROMPTS_PER_TASK prompts."""
-    from toolkit.sae.cooccurrence import count_task
+    from toolkit.sae.cooccurrence import count_task, take_counts
     from toolkit.sae.layer import StoreLayer
 
     prompts = [int(p) for p in StoreLayer(store, layer).prompts[:PROMPTS_PER_TASK]]
     t0 = time.perf_counter()
-    _, counts = count_task(store, layer, prompts, sae_dir, "", THRESHOLD, block)
-    return time.perf_counter() - t0, int(counts.nbytes)
+    count_task(store, layer, prompts, 0, sae_dir, "", THRESHOLD, block, job="one task")
+    seconds = time.perf_counter() - t0
+    return seconds, int(take_counts("one task")[2].nbytes)
 
 
 def _in_fresh_process(code: str) -> tuple:

@@ -25,7 +25,7 @@ BAD = [
     ("summarize", "--group-size", "2"), ("summarize", "--overlap-k", "0"), ("summarize", "--skip-tokens", "-1"),
     ("summarize", "--scheduler", "nonsense"), ("summarize", "--scheduler", "tcp://host:port"),
     ("train", "--lr", "nan"), ("train", "--lr", "inf"), ("train", "--lr", "0"), ("train", "--features", "0"),
-    ("train", "--k", "0"), ("train", "--epochs", "0"), ("train", "--seed", "-1"), ("train", "--layer", "-1"),
+    ("train", "--k", "0"), ("train", "--epochs", "0"), ("train", "--seed", "-1"),
     ("cooccurrence", "--threshold", "-1"), ("cooccurrence", "--threshold", "nan"), ("cooccurrence", "--block", "0"),
     ("cooccurrence", "--permutations", "1"), ("cooccurrence", "--galaxy-tokens", "1"),
     ("cooccurrence", "--workers", "-1"), ("cooccurrence", "--clusters", "2,-4"),

@@ -27,6 +27,15 @@ def brute_kl(X, Y, k=KL_K) -> float:
     return float(dim * np.mean(np.log(nu / rho)) + np.log(len(Y) / (n - 1)))
 
 
+def read_text(path) -> str:
+    """A corpus file as text: UTF-8, or Latin-1 (one of the addresses is stored so)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
 def distinct(rows: np.ndarray) -> list:
     """The distinct rows of a (token, dim) array, as tuples in first-seen order (0.0 == -0.0)."""
     seen = {}
@@ -109,10 +118,9 @@ def test_twenty_groups_of_real_1024_token_prompts(tmp_path, smollm2_hf, write_js
     from pathlib import Path
 
     corpus = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpora" / "inaugural"
-    files = sorted(corpus.glob("*.txt"))[-20:]  # modern addresses: all longer than 1024 tokens
+    files = sorted(sorted(corpus.glob("*.txt"), key=lambda f: f.stat().st_size)[-20:])  # all > 1024 tokens
     assert len(files) == 20, f"the inaugural corpus is missing at {corpus}"
-    prompts = write_jsonl(tmp_path / "inaugural.jsonl",
-                          [{"text": f.read_text(encoding="utf-8"), "speech": f.stem} for f in files])
+    prompts = write_jsonl(tmp_path / "inaugural.jsonl", [{"text": read_text(f), "speech": f.stem} for f in files])
     store, results = tmp_path / "inaugural.zarr", tmp_path / "results.zarr"
     code, _, err = run_repgeo("extract", "--model", smollm2_hf, "--prompts", prompts, "--out", store,
                               "--max-tokens", N_TOKENS, "--min-tokens", N_TOKENS, timeout=1200)

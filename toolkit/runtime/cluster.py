@@ -8,6 +8,7 @@ import ctypes
 import functools
 import logging
 import os
+import time
 
 from ..errors import UserError
 
@@ -125,3 +126,31 @@ def run_on_mpi(client_function, ranks) -> object:
     if "error" in result:
         raise result["error"]
     return result.get("result")
+
+
+def completed(futures: list, sizes: list, report, what: str, unit: str):
+    """Yield ``(index, result)`` of each future as it finishes, one at a time, and report progress.
+
+    The future is released once the caller has taken its result (when the generator resumes), so neither the
+    workers nor the client keep finished results: memory stays at one result whatever their number. The
+    caller must keep no other reference to ``futures`` (pass ``client.map(...)`` directly). ``sizes``: the work of
+    each future in ``unit``s; ``report(line)`` gets one line every 5 s and at the end (done/total, rate, ETA).
+    """
+    from distributed import as_completed
+
+    where = {future.key: (i, size) for i, (future, size) in enumerate(zip(futures, sizes))}
+    total, done = sum(sizes), 0
+    arriving = as_completed(futures)
+    futures.clear()
+    t0 = last = time.monotonic()
+    for future in arriving:
+        i, size = where.pop(future.key)
+        yield i, future.result()
+        future.release()
+        done += size
+        now = time.monotonic()
+        if now - last >= 5 or not where:
+            last = now
+            rate = done / max(now - t0, 1e-9)
+            eta = time.strftime("%H:%M:%S", time.gmtime((total - done) / rate)) if rate > 0 else "?"
+            report(f"{what}: {done}/{total} {unit}, {rate:.2f} {unit}/s, ETA {eta}")

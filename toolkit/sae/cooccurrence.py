@@ -4,16 +4,18 @@ Two stages:
 
 1. **Counting** (distributed): each Dask task takes a range of prompts, encodes their vectors at the layer with
    the SAE, marks which features occur in which block (`block_occurrence`) and adds the exact integer counts
-   Oᵀ O of its blocks into one dense int32 (feature, feature) matrix (`cooccurrence_counts`), which it returns;
-   the client fetches them one at a time, adds each into an int64 total and releases it at once. Integer
-   sums do not depend on their order, so the counts are the same for any number of workers.
-   Memory per worker, whatever the corpus size: the task's counts, 4 · d_sae² bytes (1 GiB at 16k features),
+   Oᵀ O of its blocks into its worker's dense int32 (feature, feature) sum (`cooccurrence_counts`); at the end
+   the workers' sums are added pairwise on the workers and only the total goes to the client (one matrix per
+   worker moves once, however many tasks there were). Integer sums do not depend on their order, so the counts
+   are the same for any number of workers.
+   Memory per worker, whatever the corpus size: its sum, 4 · d_sae² bytes (1 GiB at 16k features; twice that
+   while it adds a partner's sum at the end),
    plus the float32 scratch of one product band, 4 · d_sae · 2048 bytes (128 MiB), plus up to FLUSH_BLOCKS
    blocks of occurrences and one prompt's vectors and activations (tokens × d_sae float32: 64 MiB for 1024 tokens
    at 16k), plus the SAE's weights (2 · d_in · d_sae float32, loaded once per worker process). Dense counts,
    because with 256-token blocks a 16k-feature SAE's co-occurrence matrix is mostly nonzero (bench/sae.py:
-   ~65 %), where sparse storage would cost 12 bytes per pair. The client holds the int64 total (8 · d_sae²) and
-   one arriving result (4 · d_sae²): 3 GiB at 16k.
+   ~65 %), where sparse storage would cost 12 bytes per pair. The client receives the int32 total (4 · d_sae²)
+   and keeps it as int64 (8 · d_sae²): 3 GiB at 16k.
 2. **Analysis** (on the client): affinities, their spectra and lobes, lobe-vs-geometry tests and galaxy spectra.
    It holds a few dense (feature, feature) float64 matrices at once: ~5 · 8 · d_sae² bytes (10 GB at 16k
    features), so run it where that fits.
@@ -27,6 +29,7 @@ import hashlib
 import os
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -41,7 +44,7 @@ from ..store.activations import source_identity
 from ..runtime.partial import Partial
 from ..store.sae_results import create_sae_results_store
 from ..store.zarr_io import consolidate
-from ..runtime.cluster import task_settings
+from ..runtime.cluster import completed, task_settings
 from .files import CFG_FILE, WEIGHTS_FILE, encode, load_sae
 from .layer import StoreLayer
 
@@ -96,13 +99,21 @@ def _worker_sae(directory: str, d_model: int, weights_sha256: str):
     return load_sae(directory, d_model)
 
 
-def count_task(store: str, layer: int, prompts: list, sae_dir: str, weights_sha256: str, threshold: float,
-               block: int) -> tuple:
-    """Counts of a range of prompts: (number of blocks, (feature, feature) int32 co-occurrence counts)."""
+#: In each worker process: job → {"blocks", "tasks", "counts"}, the sum of every counting task this worker ran
+#: for that job. Tasks add into it in place and return only their block count; the sums leave the workers once,
+#: at the end, reduced pairwise between workers (`count_cooccurrence`).
+_ACCUMULATED = {}
+
+
+def count_task(store: str, layer: int, prompts: list, task: int, sae_dir: str, weights_sha256: str,
+               threshold: float, block: int, job: str) -> int:
+    """Add the counts of a range of prompts into this worker's sum for ``job``; return the number of blocks."""
     with task_settings():
         source = StoreLayer(store, layer)
         sae = _worker_sae(sae_dir, source.d_model, weights_sha256)
-        counts = np.zeros((sae.d_sae, sae.d_sae), dtype=np.int32)
+        entry = _ACCUMULATED.setdefault(job, {"blocks": 0, "tasks": [], "counts": None})
+        if entry["counts"] is None:
+            entry["counts"] = np.zeros((sae.d_sae, sae.d_sae), dtype=np.int32)
         pending, n_pending, n_blocks = [], 0, 0
         for i, p in enumerate(prompts):
             vectors, special = source.slab(p)
@@ -110,49 +121,71 @@ def count_task(store: str, layer: int, prompts: list, sae_dir: str, weights_sha2
             pending.append(occurrence)
             n_pending += occurrence.shape[0]
             if n_pending >= FLUSH_BLOCKS or i == len(prompts) - 1:  # one matrix product for many blocks
-                cooccurrence_counts(sp.vstack(pending, format="csr"), out=counts)
+                cooccurrence_counts(sp.vstack(pending, format="csr"), out=entry["counts"])
                 n_blocks += n_pending
                 pending, n_pending = [], 0
-        return n_blocks, counts
+        entry["blocks"] += n_blocks
+        entry["tasks"].append(task)
+        return n_blocks
+
+
+def take_counts(job: str) -> tuple:
+    """This worker's sum for ``job`` as (blocks, task ids, int32 counts or None), forgotten here."""
+    entry = _ACCUMULATED.pop(job, None) or {"blocks": 0, "tasks": [], "counts": None}
+    return entry["blocks"], entry["tasks"], entry["counts"]
+
+
+def add_counts(a: tuple, b: tuple) -> tuple:
+    """The sum of two `take_counts` results (into a's array: each partial sum is used once)."""
+    counts = b[2] if a[2] is None else a[2] if b[2] is None else np.add(a[2], b[2], out=a[2])
+    return a[0] + b[0], a[1] + b[1], counts
+
+
+def _forget(job: str):
+    _ACCUMULATED.pop(job, None)
 
 
 def _task_prompts(prompts: list, n_workers: int) -> list:
-    """Prompts split into contiguous ranges: ~2 tasks per worker (some balance), each ≥ PROMPTS_PER_TASK prompts
-    (every task returns a d_sae² matrix, so fewer tasks move less data)."""
-    size = max(PROMPTS_PER_TASK, -(-len(prompts) // (2 * n_workers)))
+    """Prompts split into contiguous ranges: ~4 tasks per worker (balance and progress), each ≥ PROMPTS_PER_TASK
+    prompts."""
+    size = max(PROMPTS_PER_TASK, -(-len(prompts) // (4 * n_workers)))
     return [prompts[i:i + size] for i in range(0, len(prompts), size)]
 
 
 def count_cooccurrence(client, settings: CooccurrenceSettings, source: StoreLayer, sae_id: dict) -> tuple:
-    """Stage 1 on the Dask ``client``: (n_blocks, summed (feature, feature) int64 counts)."""
-    from distributed import as_completed
+    """Stage 1 on the Dask ``client``: (n_blocks, summed (feature, feature) int64 counts).
 
-    n_workers = len(client.scheduler_info()["workers"])
-    groups = _task_prompts([int(p) for p in source.prompts], n_workers)
-    futures = client.map(count_task, [settings.store] * len(groups), [settings.layer] * len(groups), groups,
-                         sae_dir=settings.sae, weights_sha256=sae_id["weights_sha256"],
-                         threshold=settings.threshold, block=settings.block, pure=False)
-    tokens_of = {f.key: int(source.n_tokens[g].sum()) for f, g in zip(futures, groups)}
-    n_tokens = sum(tokens_of.values())
-    _log(f"sae cooccurrence: counting {len(source.prompts)} prompts ({n_tokens} tokens) in {len(groups)} tasks "
-         f"on {n_workers} workers")
-    arriving = as_completed(futures)
-    del futures  # each result is released as soon as it is added: workers do not keep finished counts
-    n_blocks, counts = 0, np.zeros((sae_id["d_sae"], sae_id["d_sae"]), dtype=np.int64)
-    t0 = last = time.monotonic()
-    done_tokens = 0
-    for future in arriving:
-        blocks, task_counts = future.result()  # one result at a time on the client: bounded memory
-        n_blocks += blocks
-        counts += task_counts
-        done_tokens += tokens_of[future.key]
-        future.release()
-        del task_counts
-        now = time.monotonic()
-        if now - last >= 5 or done_tokens == n_tokens:
-            last = now
-            _log(f"sae cooccurrence: {done_tokens}/{n_tokens} tokens, {done_tokens / (now - t0):.0f} tokens/s")
-    return n_blocks, counts
+    Each worker adds its tasks' counts into one int32 matrix of its own; then the workers' matrices are added
+    pairwise on the workers (a tree: log2(workers) rounds, each moving one matrix per pair), and only the total
+    reaches the client. Every task id must arrive exactly once: a worker lost mid-job (its sum lost with it) is
+    an error, never silently missing counts.
+    """
+    workers = list(client.nthreads())
+    groups = _task_prompts([int(p) for p in source.prompts], len(workers))
+    job = f"cooccurrence-{uuid.uuid4().hex}"
+    tokens = [int(source.n_tokens[g].sum()) for g in groups]
+    _log(f"sae cooccurrence: counting {len(source.prompts)} prompts ({sum(tokens)} tokens) in {len(groups)} tasks "
+         f"on {len(workers)} workers")
+    try:
+        tasks = client.map(count_task, [settings.store] * len(groups), [settings.layer] * len(groups), groups,
+                           range(len(groups)), sae_dir=settings.sae, weights_sha256=sae_id["weights_sha256"],
+                           threshold=settings.threshold, block=settings.block, job=job, pure=False)
+        for _ in completed(tasks, tokens, _log, "sae cooccurrence", "tokens"):
+            pass
+        sums = [client.submit(take_counts, job, workers=[w], allow_other_workers=False, pure=False)
+                for w in workers]
+        while len(sums) > 1:
+            sums = [client.submit(add_counts, *sums[i:i + 2], pure=False) if i + 1 < len(sums) else sums[i]
+                    for i in range(0, len(sums), 2)]
+        n_blocks, task_ids, counts = sums.pop().result()
+    finally:
+        client.run(_forget, job)  # a failed run leaves no sums in long-lived workers
+    if sorted(task_ids) != list(range(len(groups))):
+        raise UserError(f"a Dask worker was lost while counting (tasks counted: {len(task_ids)} of {len(groups)}); "
+                        f"rerun the command")
+    if counts is None:
+        counts = np.zeros((sae_id["d_sae"], sae_id["d_sae"]), dtype=np.int32)
+    return n_blocks, counts.astype(np.int64)
 
 
 def _galaxy_sample(source: StoreLayer, sae, size: int) -> np.ndarray:

@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import UserError
+from ..runtime.cluster import completed
 from ..store.activations import open_activation_group, source_identity
 from ..store.info import LAYOUT
 from ..store.zarr_io import consolidate
@@ -69,8 +70,6 @@ def check_inputs(store: str, out: str, params: SummarizeParams, resume: bool):
 
 def summarize(store: str, out: str, params: SummarizeParams, client, groups) -> None:
     """Fill the results store at ``out`` (creating it if needed) using the Dask ``client``."""
-    from distributed import as_completed
-
     source = open_activation_group(store)
     n_prompts, n_layers = source["hidden"].shape[:2]
     if not os.path.exists(out):
@@ -86,32 +85,24 @@ def summarize(store: str, out: str, params: SummarizeParams, client, groups) -> 
     if not source_done.all():
         _log(f"summarize: {int((~source_done).sum())} prompts of {store} are not extracted yet and are skipped")
     _log(f"summarize: {len(todo)} prompts to do, {int(results['done'][:].sum())} done before, "
-         f"{len(client.scheduler_info()['workers'])} workers")
+         f"{len(client.nthreads())} workers")
 
-    t0 = last = time.monotonic()
-    futures = client.map(prompt_task, [store] * len(todo), todo, params=params, pure=False)
-    arriving = as_completed(futures, with_results=True)
-    del futures  # a result is released once written: workers never keep finished results (--save-knn is large)
-    for i, (future, (prompt, values)) in enumerate(arriving, start=1):
+    t0 = time.monotonic()
+    # Results are written and released one at a time: workers never keep finished ones (--save-knn is large).
+    tasks = client.map(prompt_task, [store] * len(todo), todo, params=params, pure=False)
+    for _, (prompt, values) in completed(tasks, [1] * len(todo), _log, "summarize", "prompts"):
         # loss too: the copy made at creation lacks the prompts extracted since (a resumed partial store)
         write_prompt_results(results, prompt, dict(values, loss=source_loss[prompt]))
-        future.release()
-        now = time.monotonic()
-        if now - last >= 5 or i == len(todo):
-            last = now
-            rate = i / (now - t0)
-            eta = time.strftime("%H:%M:%S", time.gmtime((len(todo) - i) / rate))
-            _log(f"summarize: {i}/{len(todo)} prompts, {rate:.2f} prompts/s, ETA {eta}")
 
     if groups and not results.attrs.get("groups_done") and not source_done.all():
         # Pools of a partial store would differ from the final ones (and may lack the reference group): wait.
         _log(f"summarize: group observables wait until {store} is complete; then rerun with --resume")
     elif groups and not results.attrs.get("groups_done"):
         members = store_group_members(source, params)  # the same the workers derive
-        futures = client.map(group_task, [store] * n_layers, range(n_layers), params=params, pure=False)
+        tasks = client.map(group_task, [store] * n_layers, range(n_layers), params=params, pure=False)
         index = {g: i for i, g in enumerate(str(g) for g in groups)}
         rows = [index[g] for g in members]
-        for _, (layer, values) in as_completed(futures, with_results=True):
+        for _, (layer, values) in completed(tasks, [1] * n_layers, _log, "summarize: groups", "layers"):
             for name, value in values.items():
                 full = results[name][:]
                 full[rows, layer] = value
