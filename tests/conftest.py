@@ -75,15 +75,16 @@ def train_tiny_tokenizer():
 
 
 def save_tiny_llama(directory, tokenizer, seed: int = 0, scale_down_proj: dict | None = None,
-                    max_positions: int = 512):
+                    max_positions: int = 512, vocab_size: int | None = None):
     """Save a random 4-layer, 64-dim Llama with ``tokenizer`` to ``directory``.
 
     scale_down_proj: block index → factor applied to that block's MLP down-projection (to provoke large values).
+    vocab_size: rows of the embeddings (default: the tokenizer's; more, as real models pad theirs).
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    config = LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
@@ -142,6 +143,30 @@ def _convert_smollm2(directory):
 def smollm2_hf():
     """Directory of the real SmolLM2-135M (float32 HF format), converted once from the packaged GGUF."""
     return str(build_atomically(CACHE / "smollm2-135m-hf-v1", _convert_smollm2))
+
+
+def _convert_gemma3(directory):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from toolkit.models import resolve_model
+
+    # The GGUF is assembled into a throw-away cache: the tests never write to the user's ~/.cache.
+    with tempfile.TemporaryDirectory() as cache, pytest.MonkeyPatch.context() as env:
+        env.setenv("REPGEO_CACHE", cache)
+        ref = resolve_model("gemma3-270m")
+        model = AutoModelForCausalLM.from_pretrained(ref.location, gguf_file=ref.gguf_file, dtype=torch.float32)
+        model.hf_quantizer = None  # de-quantized to float32 (~42 s of CPU): save them as a plain model
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(directory)
+        AutoTokenizer.from_pretrained(ref.location, gguf_file=ref.gguf_file).save_pretrained(directory)
+
+
+@pytest.fixture(scope="session")
+def gemma3_hf():
+    """Directory of the real Gemma 3 270M (float32 HF format, ~1.1 GB), converted once from the assembled GGUF."""
+    return str(build_atomically(CACHE / "gemma3-270m-hf-v1", _convert_gemma3))
 
 
 @pytest.fixture(scope="session")

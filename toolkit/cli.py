@@ -136,6 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
                          "e.g. 1 without a BOS token, whose first position carries the model's massive activation")
     su.add_argument("--resume", action="store_true", help="complete an existing results store")
 
+    le = sub.add_parser("lens", parents=[common],
+                        help="read every layer's hidden states through the output (logit lens) and input embeddings "
+                             "→ lens results store")
+    le.add_argument("--store", required=True, help="the activation store (from repgeo extract)")
+    le.add_argument("--out", required=True, help="the lens results store to create (a directory)")
+    le.add_argument("--decoders", default="output,input", help="output (logit lens), input (cosine with the input "
+                                                               "embedding), or both (default output,input)")
+    le.add_argument("--top-k", type=POSITIVE, default=5, help="readings kept per token (default 5)")
+    le.add_argument("--layers", help="layers to read: numbers and A:B ranges (B excluded), e.g. 1: or 0,5,10:20 "
+                                     "(default: all)")
+    le.add_argument("--model", help="the model's files when they moved since extraction (checked by sha256)")
+    le.add_argument("--scheduler", default="local", type=_scheduler,
+                    help="local, mpi (Dask on the ranks of mpiexec/srun), or the address of a running scheduler")
+    le.add_argument("--workers", type=POSITIVE, help="workers of the local cluster (default: one per core)")
+    le.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="where workers compute (auto: a visible GPU, else the CPU)")
+    le.add_argument("--resume", action="store_true", help="complete an existing lens store")
+
     pl = sub.add_parser("plot", parents=[common],
                         help="PNG figures of every observable against layer and relative depth")
     pl.add_argument("results", help="a results store (from repgeo summarize)")
@@ -208,6 +226,12 @@ def _summarize(args) -> int:
     return run_summarize(args)
 
 
+def _lens(args) -> int:
+    from .lens.run import run_lens
+
+    return run_lens(args)
+
+
 def _plot(args) -> int:
     from .plot import plot_results
 
@@ -242,8 +266,8 @@ def _sae(args) -> int:
     return run_train(args) if args.sae_command == "train" else run_sae_cooccurrence(args)
 
 
-COMMANDS = {"extract": _extract, "summarize": _summarize, "plot": _plot, "sae": _sae, "validate": _validate,
-            "info": _info}
+COMMANDS = {"extract": _extract, "summarize": _summarize, "lens": _lens, "plot": _plot, "sae": _sae,
+            "validate": _validate, "info": _info}
 
 
 def main(argv=None) -> int:

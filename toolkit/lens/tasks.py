@@ -1,0 +1,104 @@
+"""The lens work unit a Dask worker runs: one prompt, its chosen layers, in blocks of tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..observables import lens as lens_math
+from ..runtime.cluster import task_settings
+from ..store.activations import open_activation_group
+from .weights import load_lens_weights
+
+#: Entries of one (token, vocab) float32 matrix: 64 MiB. A block holds three such (logits of this layer, the
+#: final layer's log-probabilities, a temporary), so memory per worker stays bounded whatever the vocabulary.
+BLOCK_ENTRIES = 2**24
+
+
+def block_tokens(vocab: int) -> int:
+    """Tokens per block for a vocabulary of ``vocab`` entries (64 for 262,144; 341 for 49,152)."""
+    return max(1, BLOCK_ENTRIES // vocab)
+
+
+def worker_device(requested: str) -> str:
+    """The torch device of this worker: ``cuda`` (the first visible GPU: give each worker its own, e.g. with
+    Slurm's --gpus-per-task=1) when asked or, with ``auto``, when one is visible; else ``cpu``."""
+    import torch
+
+    from ..errors import UserError
+
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but a worker sees no CUDA device; use --device auto or cpu")
+    return "cuda"
+
+
+def lens_task(store: str, prompt: int, weights: str, token: str, params, device: str = "auto") -> tuple:
+    """Readings of one prompt: (prompt, name → array without the prompt dim, over its n_tokens positions).
+
+    params: ``decoders``, ``top_k``, ``ks``, ``layers`` (store layer numbers) as in `LensParams`; device:
+    auto, cpu or cuda (`worker_device`).
+    """
+    import torch
+
+    with task_settings(), torch.inference_mode():
+        torch.set_num_threads(1)
+        group = open_activation_group(store)
+        hidden = group["hidden"]
+        final = hidden.shape[1] - 1
+        n = int(group["n_tokens"][prompt])
+        ids = group["input_ids"][prompt, :n].astype(np.int64)
+        next_ids = np.append(ids[1:], -1)
+        device = worker_device(device)
+        parts = load_lens_weights(weights, token, device)
+        slabs = {layer: _slab(hidden, store, prompt, layer, n) for layer in {*params.layers, final}}
+        out = _empty(params, n)
+        step = block_tokens(parts.unembedding.shape[0])
+        output = "output" in params.decoders
+        for start in range(0, n, step):
+            at = slice(start, min(n, start + step))
+            if output:
+                final_logp = lens_math.output_log_probs(torch.from_numpy(slabs[final][at]).to(device),
+                                                        parts.unembedding, parts.softcap)
+            for i, layer in enumerate(params.layers):
+                X = torch.from_numpy(slabs[layer][at]).to(device)
+                for d, decoder in enumerate(params.decoders):
+                    if decoder == "input":
+                        scores = lens_math.input_cosines(X, parts.unit_embedding)
+                    elif layer == final:  # already after the final norm: never apply it twice
+                        scores = final_logp
+                    else:
+                        scores = lens_math.output_log_probs(parts.norm(X), parts.unembedding, parts.softcap)
+                    top_ids, top_scores = lens_math.top_k(scores, params.top_k)
+                    out["lens_top_ids"][d, i, at] = top_ids
+                    out["lens_top_scores"][d, i, at] = np.exp(top_scores) if decoder == "output" else top_scores
+                    if decoder == "output":
+                        out["lens_entropy"][i, at] = lens_math.entropy_bits(scores)
+                        out["lens_kl_final"][i, at] = lens_math.kl_divergence(final_logp, scores)
+                        out["lens_next_logprob"][i, at], out["lens_next_rank"][i, at] = (
+                            lens_math.next_token_scores(scores, next_ids[at]))
+        if output:
+            out["lens_next_accuracy"] = np.stack([lens_math.top_k_accuracy(ranks, params.ks)
+                                                  for ranks in out["lens_next_rank"]])
+        return prompt, out
+
+
+def _slab(hidden, store: str, prompt: int, layer: int, n: int) -> np.ndarray:
+    from ..errors import UserError
+
+    X = np.ascontiguousarray(hidden[prompt, layer, :n], dtype=np.float32)
+    if not np.isfinite(X).all():
+        raise UserError(f"{store}: prompt {prompt} is marked done but its hidden states at layer {layer} are missing "
+                        f"or not finite; run repgeo validate {store} and re-extract that store")
+    return X
+
+
+def _empty(params, n: int) -> dict:
+    D, L, K = len(params.decoders), len(params.layers), params.top_k
+    out = {"lens_top_ids": np.full((D, L, n, K), -1, np.int32), "lens_top_scores": np.full((D, L, n, K), np.nan,
+                                                                                            np.float32)}
+    if "output" in params.decoders:
+        out.update(lens_entropy=np.full((L, n), np.nan, np.float32), lens_kl_final=np.full((L, n), np.nan, np.float32),
+                   lens_next_logprob=np.full((L, n), np.nan, np.float32),
+                   lens_next_rank=np.full((L, n), -1, np.int32))
+    return out
