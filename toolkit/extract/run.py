@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import shutil
@@ -49,13 +50,31 @@ class ExtractSettings:
     device_map: str | None = None
     bos: str = "auto"  # auto: the tokenizer's own special tokens; always: --bos-token first; never: none
     bos_token: str | None = None
+    contributions: bool = False
+    flow_targets: object = None  # "last" (default), "all" or positions; with contributions only
+    flow_weighting: str | None = None  # "mean" (default) or "norm"; with contributions only
+    flow_gradients: bool = False
+    yes: bool = False  # accept --flow-targets all with --flow-gradients on long prompts
+
+    @property
+    def flow(self):
+        """The flow settings of a --contributions run (None without)."""
+        from .contributions import FlowSettings
+
+        if not self.contributions:
+            return None
+        return FlowSettings(self.flow_targets or "last", self.flow_weighting or "mean", self.flow_gradients)
 
     def recorded(self) -> dict:
         """The settings that decide the store's content; a resume must use the same ones."""
+        flow = self.flow
         return {"max_tokens": self.max_tokens, "min_tokens": self.min_tokens, "batch_size": self.batch_size,
                 "shuffle_levels": list(self.shuffle_levels), "seed": self.seed,
                 "compute_dtype": self.compute_dtype, "add_special_tokens": self.bos == "auto", "bos": self.bos,
-                "withhold_texts": self.withhold_texts}
+                "withhold_texts": self.withhold_texts, "contributions": self.contributions,
+                "flow": None if flow is None else {"targets": flow.targets if isinstance(flow.targets, str)
+                                                   else list(flow.targets), "weighting": flow.weighting,
+                                                   "gradients": flow.gradients}}
 
 
 def on_root(ranks, fn):
@@ -97,11 +116,14 @@ def _resolve_compute_dtype(setting: str, device: str, dtype: str):
     return getattr(torch, setting)
 
 
-def _disk_check(out: str, n_values: int, dtype: str):
-    need = n_values * BYTES_PER_VALUE[dtype]
+def _disk_check(out: str, n_values: int, dtype: str, n_contribution_values: int = 0):
+    """Print the expected size (hidden states at ``dtype``, contribution arrays at float32) and refuse it when the
+    disk lacks room."""
+    need = n_values * BYTES_PER_VALUE[dtype] + n_contribution_values * 4
     parent = os.path.dirname(os.path.abspath(out)) or "."
     free = shutil.disk_usage(parent).free
-    print(f"extract: expected size on disk up to {need / 2**20:.1f} MiB ({n_values} values at {dtype}); "
+    extra = f" + {n_contribution_values} contribution values at float32" if n_contribution_values else ""
+    print(f"extract: expected size on disk up to {need / 2**20:.1f} MiB ({n_values} values at {dtype}{extra}); "
           f"{free / 2**30:.1f} GiB free in {parent}", file=sys.stderr, flush=True)
     if need > free:
         raise UserError(f"{parent} has {free / 2**30:.2f} GiB free but the store needs up to {need / 2**30:.2f} GiB; "
@@ -163,6 +185,8 @@ def _run(s: ExtractSettings, ranks, stop: _StopFlag) -> int:
         raise UserError(f"{s.out} already exists; pass --resume to complete it, or choose a new --out")
     if s.bos_token is not None and s.bos != "always":
         raise UserError("--bos-token names the token that --bos always prepends; add --bos always or drop it")
+    if not s.contributions and (s.flow_targets or s.flow_weighting or s.flow_gradients):
+        raise UserError("--flow-targets, --flow-weighting and --flow-gradients go with --contributions; add it")
     source = read_prompts(s.prompts)
     ref = resolve_model(s.model)
     tokenizer = load_tokenizer(ref)
@@ -171,6 +195,11 @@ def _run(s: ExtractSettings, ranks, stop: _StopFlag) -> int:
                      shuffle_levels=s.shuffle_levels, seed=s.seed, add_special_tokens=s.bos == "auto",
                      first_token=first_token)
     label_arrays(plan.prompts)  # refuses reserved label names now, not after the model has loaded
+    flow = s.flow
+    if flow and flow.targets == "all" and flow.gradients and int(plan.n_tokens.max()) > 256 and not s.yes:
+        raise UserError(f"--flow-targets all with --flow-gradients runs one backward pass per token and stores "
+                        f"targets x layers x tokens values (the longest prompt has {int(plan.n_tokens.max())} "
+                        f"tokens); pass --yes to go ahead, or choose a few --flow-targets")
     device = select_device(ranks.local_rank, s.device)
     sha = on_root(ranks, lambda: weights_sha256(ref))
 
@@ -192,6 +221,12 @@ def _run(s: ExtractSettings, ranks, stop: _StopFlag) -> int:
         device = str(model.get_input_embeddings().weight.device)
     else:
         model = load_model(ref, compute_dtype).to(device)
+    model.requires_grad_(False)  # inference: no weight gradients, even in --flow-gradients' backward passes
+    if flow:
+        from .contributions import ContributionRecorder, check_supported, contribution_values, gradient_norms
+
+        check_supported(model.config, ref.name)
+        model.set_attn_implementation("eager")  # the attention weights are read from the attention modules
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and int(plan.n_tokens.max()) > limit:
         raise UserError(f"the longest prompt has {int(plan.n_tokens.max())} tokens but {ref.name} takes at most "
@@ -221,7 +256,8 @@ def _run(s: ExtractSettings, ranks, stop: _StopFlag) -> int:
 
     def prepare():
         done = open_activation_group(s.out)["done"][:] if exists else np.zeros(len(plan.prompts), bool)
-        _disk_check(s.out, int(n_tokens[~done].sum()) * n_layers * d_model, s.dtype)
+        _disk_check(s.out, int(n_tokens[~done].sum()) * n_layers * d_model, s.dtype,
+                    contribution_values(model.config, flow, n_tokens[~done]) if flow else 0)
         if not exists:
             create_activation_store(s.out, plan, n_layers=n_layers, d_model=d_model, dtype=s.dtype, attrs=attrs,
                                     withhold_texts=s.withhold_texts)
@@ -242,15 +278,22 @@ def _run(s: ExtractSettings, ranks, stop: _StopFlag) -> int:
     todo = [p for b in batches for p in b if not done[p]]
     progress = Progress(ranks, len(plan.prompts), int(n_tokens[todo].sum()), already_done=int(done.sum()))
     background = BackgroundWriter(writer.write, s.out)
+    recorder = ContributionRecorder(model, flow.weighting) if flow else contextlib.nullcontext()
     t0 = time.monotonic()
     try:
-        for batch in mine:
-            if stop.signal:
-                break
-            results = forward_batch(model, [plan.prompts[p].input_ids for p in batch], batch, device, s.dtype)
-            for p, (hidden, token_loss) in zip(batch, results):
-                if not done[p]:
-                    background.put(p, hidden, token_loss)
+        with recorder:
+            for batch in mine:
+                if stop.signal:
+                    break
+                results = forward_batch(model, [plan.prompts[p].input_ids for p in batch], batch, device, s.dtype,
+                                        recorder if flow else None, flow)
+                for p, (hidden, token_loss, extras) in zip(batch, results):
+                    if done[p]:
+                        continue
+                    if flow and flow.gradients:
+                        extras["grad_norm"] = gradient_norms(model, plan.prompts[p].input_ids,
+                                                             flow.positions(len(token_loss)))
+                    background.put(p, hidden, token_loss, extras)
             left = [p for p in batch if not done[p]]
             progress.add(len(left), int(n_tokens[left].sum()))
         background.close()
