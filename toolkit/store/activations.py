@@ -168,8 +168,9 @@ class PromptWriter:
         _, n_layers, self.width, d_model = self.hidden.shape
         self._slab = np.full((n_layers, self.width, d_model), np.nan, dtype=self.hidden.dtype)
 
-    def write(self, prompt: int, hidden: np.ndarray, token_loss: np.ndarray):
-        """``hidden``: (layer, token, dim) of the prompt's n_tokens positions; ``token_loss``: (token,) nats."""
+    def write(self, prompt: int, hidden: np.ndarray, token_loss: np.ndarray, contributions: dict | None = None):
+        """``hidden``: (layer, token, dim) of the prompt's n_tokens positions; ``token_loss``: (token,) nats;
+        ``contributions``: name → array over the prompt's n_tokens positions (last dim), or None."""
         n = hidden.shape[1]
         self._slab[:, :n] = hidden
         self._slab[:, n:] = np.nan
