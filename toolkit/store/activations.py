@@ -12,6 +12,10 @@ Layout (specified in ``schemas/activation-store.schema.json``):
 - ``loss`` (prompt) float32: mean of ``token_loss`` over the prompt.
 - ``done`` (prompt) bool: set only after the prompt's other data is completely written.
 - ``prompt``, ``layer``: index coordinates; ``text`` (or ``text_sha256``) and one array per label on ``prompt``.
+
+Every array but the four written prompt by prompt (``PER_PROMPT``) is written once, at creation; the root attribute
+``digests`` keeps the sha256 of each (:func:`~toolkit.store.zarr_io.array_digest`), so that ``repgeo validate``
+catches a text, label, length or token id changed afterwards, even one changed consistently through zarr.
 """
 
 from __future__ import annotations
@@ -20,25 +24,27 @@ import os
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.codecs import BloscCodec
 
 from ..errors import UserError
 from ..runtime.partial import Partial
-from .zarr_io import consolidate, eager_labels, label_array, open_repgeo_group, quiet_zarr, write_1d
+from .zarr_io import (CHECKSUM, array_digest, consolidate, eager_labels, label_array, open_repgeo_group, quiet_zarr,
+                      write_1d)
 
 KIND = "activations"
 SCHEMA_VERSION = "1.0"
 STORED_DTYPES = {"float16": "float16", "bfloat16": "float32", "float32": "float32"}
+#: Arrays of the layout; every other array on ``prompt`` is a label.
+LAYOUT = {"hidden", "input_ids", "n_tokens", "token_loss", "loss", "done", "prompt", "layer", "text", "text_sha256"}
+#: Arrays the ranks write prompt by prompt; all others are written once, at creation, with a digest.
+PER_PROMPT = ("hidden", "token_loss", "loss", "done")
 #: Names that labels may not take because the layout uses them.
-RESERVED = {"hidden", "input_ids", "n_tokens", "token_loss", "loss", "done", "text", "text_sha256", "prompt",
-            "layer", "token", "dim",
-            # names of the results store, which carries every label
-            "n2", "k", "group", "neighbor", "gride_id", "gride_err", "gride_scale", "n_unique", "twonn_id",
-            "overlap", "cosine_mean", "cosine_std", "anisotropy", "nn_reciprocity", "nn_cosine", "norm_mean",
-            "knn_index", "knn_distance", "group_gride_id", "group_gride_err", "group_gride_scale",
-            "group_anisotropy", "group_kl"}
-#: The per-chunk checksum; used by every array that ranks write, so corruption is caught on read.
-CHECKSUM = Crc32cCodec()
+RESERVED = LAYOUT | {
+    "token", "dim",
+    # names of the results store, which carries every label
+    "n2", "k", "group", "neighbor", "gride_id", "gride_err", "gride_scale", "n_unique", "twonn_id", "overlap",
+    "cosine_mean", "cosine_std", "anisotropy", "nn_reciprocity", "nn_cosine", "norm_mean", "knn_index",
+    "knn_distance", "group_gride_id", "group_gride_err", "group_gride_scale", "group_anisotropy", "group_kl"}
 
 
 def _compressors(dtype: str):
@@ -108,19 +114,20 @@ def _build_activation_store(partial: str, plan, *, n_layers, d_model, dtype, att
     group.create_array("done", shape=(n_prompts,), chunks=(1,), dtype="bool", fill_value=False,
                        dimension_names=["prompt"], compressors=[CHECKSUM],
                        attributes={"description": "true once the prompt's data is completely written"})
-    write_1d(group, "n_tokens", n_tokens, "prompt")
-    write_1d(group, "prompt", np.arange(n_prompts, dtype=np.int64), "prompt")
-    write_1d(group, "layer", np.arange(n_layers, dtype=np.int64), "layer",
-             {"description": "0 = embeddings, i = output of block i"})
+    layers = np.arange(n_layers, dtype=np.int64)
+    write_1d(group, "layer", layers, "layer", {"description": "0 = embeddings, i = output of block i"})
     if withhold_texts:
         import hashlib
 
-        digests = np.array([hashlib.sha256(p.text.encode()).hexdigest() for p in plan.prompts], dtype=object)
-        write_1d(group, "text_sha256", digests, "prompt")
+        texts = {"text_sha256": np.array([hashlib.sha256(p.text.encode()).hexdigest() for p in plan.prompts],
+                                         dtype=object)}
     else:
-        write_1d(group, "text", np.array([p.text for p in plan.prompts], dtype=object), "prompt")
-    for name, values in labels.items():
+        texts = {"text": np.array([p.text for p in plan.prompts], dtype=object)}
+    on_prompt = {"n_tokens": n_tokens, "prompt": np.arange(n_prompts, dtype=np.int64), **texts, **labels}
+    for name, values in on_prompt.items():
         write_1d(group, name, values, "prompt")
+    group.attrs["digests"] = {name: array_digest(values)
+                              for name, values in {"input_ids": ids, "layer": layers, **on_prompt}.items()}
     consolidate(partial)
 
 

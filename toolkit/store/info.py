@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import zarr
 
 from ..errors import UserError
-from .zarr_io import quiet_zarr
-
-#: Arrays of the activation layout that are not labels.
-LAYOUT = {"hidden", "input_ids", "n_tokens", "token_loss", "loss", "done", "prompt", "layer", "text", "text_sha256"}
+from .activations import LAYOUT
+from .validate import open_store, require_consistent
+from .zarr_io import describe_error
 
 
 def disk_usage(path: str) -> int:
@@ -28,18 +26,11 @@ def _label_summary(values: np.ndarray, most: int = 6) -> str:
 
 
 def store_info(path: str) -> str:
-    quiet_zarr()
-    if not os.path.isfile(os.path.join(path, "zarr.json")):
-        raise UserError(f"{path} is not a Zarr v3 store (no zarr.json); give the path of a repgeo store")
-    group = zarr.open_group(path, mode="r", zarr_format=3)
-    kind = dict(group.attrs).get("repgeo", {}).get("kind")
-    if kind == "activations":
-        return _activations_info(path, group)
-    if kind == "results":
-        return _results_info(path, group)
-    if kind == "sae_cooccurrence":
-        return _sae_cooccurrence_info(path, group)
-    raise UserError(f"{path} is a Zarr store but not a repgeo store (no repgeo.kind attribute)")
+    """The account of the store at ``path``; refused (:class:`UserError`) when the store is not consistent."""
+    kind = open_store(path)[1]
+    group = require_consistent(path, kind)  # what follows reads attributes of the types the schema pins
+    return {"activations": _activations_info, "results": _results_info,
+            "sae_cooccurrence": _sae_cooccurrence_info}[kind](path, group)
 
 
 def _activations_info(path: str, group) -> str:
@@ -57,7 +48,7 @@ def _activations_info(path: str, group) -> str:
         f"as shorter than --min-tokens, {prompts['n_truncated']} truncated) from {prompts['path']}",
         f"  tokens     {int(n_tokens.sum())} in all, {int(n_tokens.min())}–{int(n_tokens.max())} per prompt",
         f"  layers     {n_layers} (0 = embeddings … {n_layers - 1}), dim {d_model}, dtype {a['dtype']}",
-        f"  settings   " + ", ".join(f"{k}={v}" for k, v in settings.items()),
+        "  settings   " + ", ".join(f"{k}={v}" for k, v in settings.items()),
     ]
     labels = [name for name, _ in group.arrays() if name not in LAYOUT]
     for name in labels:
@@ -83,7 +74,7 @@ def _results_info(path: str, group) -> str:
         f"results store {path}",
         f"  source     {source['path']} ({source['model']}, {source['n_prompts']} prompts)",
         f"  variables  {', '.join(variables)}",
-        f"  parameters " + ", ".join(f"{k}={v}" for k, v in params.items()),
+        "  parameters " + ", ".join(f"{k}={v}" for k, v in params.items()),
         f"  size       {disk_usage(path) / 2**20:.1f} MiB on disk",
         f"  complete   {int(done.sum())}/{len(done)} prompts done"
         + ("" if done.all() else " (rerun summarize with --resume to finish)")
@@ -97,7 +88,11 @@ def _sae_cooccurrence_info(path: str, group) -> str:
     a = dict(group.attrs)
     source, sae, params = a["source"], a["sae"], a["parameters"]
     diagonal = np.arange(sae["d_sae"])
-    occurring = int((group["cooccurrence"].get_coordinate_selection((diagonal, diagonal)) > 0).sum())
+    try:  # the only chunks info reads beyond the small arrays that require_consistent read
+        occurring = int((group["cooccurrence"].get_coordinate_selection((diagonal, diagonal)) > 0).sum())
+    except Exception as e:
+        raise UserError(f"{path} has an unreadable cooccurrence chunk ({describe_error(e)}); run repgeo validate "
+                        f"--deep {path} for the full list, then restore the store or compute it again") from None
     lines = [
         f"SAE co-occurrence store {path}",
         f"  source     {source['path']} ({source['model']}, {source['n_prompts']} prompts), layer {a['layer']}",
@@ -105,7 +100,7 @@ def _sae_cooccurrence_info(path: str, group) -> str:
         f"weights sha256 {sae['weights_sha256'][:12]})",
         f"  blocks     {int(group['n_blocks'][...])} of {params['block']} tokens; {occurring} features occur at "
         f"least once (threshold {params['threshold']})",
-        f"  parameters " + ", ".join(f"{k}={v}" for k, v in params.items()),
+        "  parameters " + ", ".join(f"{k}={v}" for k, v in params.items()),
         f"  size       {disk_usage(path) / 2**20:.1f} MiB on disk",
         f"  created    {a['created']} by repgeo {a['toolkit_version']}",
     ]

@@ -1,14 +1,19 @@
-"""Small helpers shared by the store layouts: opening groups, string arrays, label coordinates."""
+"""Small helpers shared by the store layouts: opening groups, string arrays, label coordinates, digests."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from ..errors import UserError
+
+#: The per-chunk checksum of every array repgeo writes, so that corruption is caught on read.
+CHECKSUM = Crc32cCodec()
 
 
 def quiet_zarr():
@@ -38,23 +43,79 @@ def eager_labels(ds):
     return ds.assign_coords({name: ds[name].compute() for name in ds.coords if name not in ds.indexes})
 
 
-def open_repgeo_group(path: str, kind: str, mode: str = "r") -> zarr.Group:
-    """Open a repgeo store of ``kind`` ("activations" or "results"), or raise :class:`UserError` saying what it is."""
+def describe_error(e: Exception, limit: int = 200) -> str:
+    """An exception as one short line (zarr's and pydantic's messages span lines), for one-line errors."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}{'…' if len(text) > limit else ''}"
+
+
+class UnreadableGroup(UserError):
+    """A Zarr store whose root zarr.json cannot be read: ``repgeo validate`` reports it as damaged, jobs refuse it."""
+
+
+def open_zarr_group(path: str, wanted: str, mode: str = "r") -> zarr.Group:
+    """Open the Zarr v3 group at ``path``, or raise :class:`UserError` naming ``wanted`` (e.g. "repgeo store")."""
     quiet_zarr()
     if not os.path.exists(path):
-        raise UserError(f"{path} does not exist; give the path of a repgeo {kind} store")
+        raise UserError(f"{path} does not exist; give the path of a {wanted}")
     if not os.path.isfile(os.path.join(path, "zarr.json")):
-        raise UserError(f"{path} is not a Zarr v3 store (no zarr.json); give the path of a repgeo {kind} store")
+        raise UserError(f"{path} is not a Zarr v3 store (no zarr.json); give the path of a {wanted}")
     try:
-        group = zarr.open_group(path, mode=mode, zarr_format=3)
+        return zarr.open_group(path, mode=mode, zarr_format=3)
     except Exception as e:  # zarr raises several types for broken metadata
-        raise UserError(f"{path} is not a readable Zarr v3 group ({type(e).__name__}: {e}); is it a repgeo store?") from None
-    found = group.attrs.get("repgeo", {}).get("kind")
+        raise UnreadableGroup(f"{path} is not a readable Zarr v3 group ({describe_error(e)}); restore its zarr.json "
+                              f"from a copy, or give the path of an intact {wanted}") from None
+
+
+def repgeo_kind(group: zarr.Group):
+    """The store kind in the root attribute ``repgeo.kind`` ("activations", "results", …), or None."""
+    repgeo = group.attrs.get("repgeo")
+    return repgeo.get("kind") if isinstance(repgeo, dict) else None
+
+
+def open_repgeo_group(path: str, kind: str, mode: str = "r") -> zarr.Group:
+    """Open a repgeo store of ``kind`` ("activations" or "results"), or raise :class:`UserError` saying what it is."""
+    group = open_zarr_group(path, f"repgeo {kind} store", mode)
+    found = repgeo_kind(group)
     if found != kind:
         what = f"a repgeo {found} store" if found else "not a repgeo store"
         raise UserError(f"{path} is {what}, but an {kind} store is needed here" if kind[0] in "aeiou"
                         else f"{path} is {what}, but a {kind} store is needed here")
     return group
+
+
+def stored_keys(array: zarr.Array) -> set:
+    """Keys of the chunks (shards) of ``array`` present in its store, found by listing: nothing is read.
+
+    zarr writes no chunk that is entirely the fill value, so a key that is absent is a chunk of fill values.
+    """
+    from zarr.core.sync import collect_aiterator
+
+    return set(collect_aiterator(array.store.list_prefix(array.path + "/")))
+
+
+def chunk_key(array: zarr.Array, coords: tuple) -> str:
+    """The store key of the chunk (shard) at grid position ``coords`` of ``array``."""
+    return f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
+
+
+def array_digest(values: np.ndarray) -> str:
+    """sha256 of an array's values in a canonical byte form: the same values give the same digest anywhere.
+
+    Numbers and booleans: dtype and shape, then the little-endian bytes; strings: shape, then each string's UTF-8
+    bytes preceded by their length.
+    """
+    digest = hashlib.sha256()
+    if values.dtype.kind in "OU":
+        digest.update(f"str{values.shape}".encode())
+        for text in values.ravel().tolist():
+            data = str(text).encode("utf-8")
+            digest.update(len(data).to_bytes(8, "little") + data)
+    else:
+        little = values.dtype.newbyteorder("<")
+        digest.update(f"{little.str}{values.shape}".encode())
+        digest.update(np.ascontiguousarray(values, dtype=little).tobytes())
+    return digest.hexdigest()
 
 
 def label_array(values: list) -> np.ndarray:
@@ -74,9 +135,11 @@ def label_array(values: list) -> np.ndarray:
 
 
 def write_1d(group: zarr.Group, name: str, values: np.ndarray, dim: str, attrs: dict | None = None):
-    """Write a small 1-D array along ``dim`` in one chunk (strings as variable-length UTF-8)."""
+    """Write a small 1-D array along ``dim`` in one chunk (strings as variable-length UTF-8), checksummed."""
     dtype = str if values.dtype == object else values.dtype
+    # zarr's default compression (zstd level 0) plus the checksum; xarray reads it, strings included.
     arr = group.create_array(name, shape=values.shape, chunks=values.shape or (1,), dtype=dtype,
-                             dimension_names=[dim], attributes=attrs or {})
+                             compressors=[ZstdCodec(level=0), CHECKSUM], dimension_names=[dim],
+                             attributes=attrs or {})
     arr[...] = values
     return arr
