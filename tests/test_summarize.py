@@ -337,10 +337,15 @@ def write_gaussian_store(path, prompts=range(N_PROMPTS)):
     plan = Plan([PlannedPrompt(np.arange(len(gaussian_prompt(p)[1]), dtype=np.int32) % 97, f"prompt {p}",
                                {"family": family_of(p), "index": p}) for p in range(N_PROMPTS)],
                 n_input=N_PROMPTS, n_dropped_short=0, n_truncated=0)
+    # every attribute the activation store's schema requires (summarize refuses a store that lacks one)
     attrs = {"toolkit_version": toolkit.__version__, "created": "2026-01-01T00:00:00+00:00", "dtype": "float32",
-             "model": {"id": "gaussian-clouds", "weights_sha256": None, "n_layers": N_LAYERS - 1, "d_model": DIM},
-             "prompts": {"path": "synthetic", "sha256": "0" * 64, "n_input": N_PROMPTS},
-             "settings": {"max_tokens": None}}
+             "model": {"id": "gaussian-clouds", "architecture": "none", "weights_sha256": None,
+                       "n_layers": N_LAYERS - 1, "d_model": DIM},
+             "tokenizer_fingerprint": "0" * 64, "ranks": 1, "runs": [],
+             "prompts": {"path": "synthetic", "sha256": "0" * 64, "n_input": N_PROMPTS, "n_dropped_short": 0,
+                         "n_truncated": 0, "n_stored": N_PROMPTS},
+             "settings": {"max_tokens": None, "min_tokens": None, "batch_size": 1, "shuffle_levels": [], "seed": 0,
+                          "compute_dtype": "float32", "add_special_tokens": True, "withhold_texts": False}}
     group = create_activation_store(str(path), plan, n_layers=N_LAYERS, d_model=DIM, dtype="float32", attrs=attrs,
                                     withhold_texts=False)
     add_gaussian_prompts(path, prompts)

@@ -67,6 +67,16 @@ def _scheduler(text: str) -> str:
     return text
 
 
+def _flow_targets(text: str):
+    """last, all, or comma-separated token positions (≥ 0)."""
+    if text in ("last", "all"):
+        return text
+    positions = _int_list(text)
+    if not positions:
+        raise argparse.ArgumentTypeError("give last, all, or positions such as 0,5,9")
+    return tuple(sorted(set(positions)))
+
+
 def _int_list(text: str) -> tuple:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -106,6 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
                          "never = no special tokens at all")
     ex.add_argument("--bos-token", help="the token prepended with --bos always (default: the tokenizer's bos_token; "
                                         "for SmolLM2 <|endoftext|>, not its chat marker <|im_start|>)")
+    ex.add_argument("--contributions", action="store_true",
+                    help="also store what each head, attention and MLP writes into the residual stream, and the "
+                         "information flow to target tokens (Llama family and Gemma 3)")
+    ex.add_argument("--flow-targets", type=_flow_targets, help="with --contributions: last (default: the last real "
+                                                               "token), all, or positions such as 0,5,9")
+    ex.add_argument("--flow-weighting", choices=("mean", "norm"),
+                    help="with --contributions: heads' attention averaged (mean, default) or weighted by each "
+                         "head's write norm (norm)")
+    ex.add_argument("--flow-gradients", action="store_true",
+                    help="with --contributions: also grad_norm, one backward pass per target")
+    ex.add_argument("--yes", action="store_true", help="accept a very large request (--flow-targets all with "
+                                                       "--flow-gradients on prompts over 256 tokens)")
     ex.add_argument("--resume", action="store_true", help="complete an existing store (or start one)")
     ex.add_argument("--withhold-texts", action="store_true", help="store each prompt's sha256, not its text")
     ex.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -119,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--store", required=True, help="the activation store (from repgeo extract)")
     su.add_argument("--out", required=True, help="the results store to create (a directory)")
     su.add_argument("--observables", help="comma-separated subset of: gride, twonn, overlap, cosine, anisotropy, "
-                                          "reciprocity, norm, group_gride, group_anisotropy, group_kl (default: all "
-                                          "per-prompt ones, plus the group ones with --groupby)")
+                                          "reciprocity, norm, contributions, group_gride, group_anisotropy, group_kl "
+                                          "(default: the per-prompt ones but contributions, plus the group ones with "
+                                          "--groupby)")
     su.add_argument("--scheduler", default="local", type=_scheduler,
                     help="local (a Dask cluster on this node), mpi (Dask on the ranks of mpiexec/srun), or the "
                          "address of a running scheduler")
@@ -131,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--overlap-k", type=POSITIVE, default=32, help="neighbourhood overlap for k = 1..K (default 32)")
     su.add_argument("--save-knn", action="store_true", help="keep every cloud's K nearest neighbours")
     su.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the group subsampling (default 0)")
+    su.add_argument("--contrib-span", type=POSITIVE, default=10,
+                    help="contributions: correlations over the first and the last N tokens (default 10)")
     su.add_argument("--skip-tokens", type=NON_NEGATIVE, default=0,
                     help="leave the first N positions of every prompt out of every cloud and pool (default 0); "
                          "e.g. 1 without a BOS token, whose first position carries the model's massive activation")
@@ -154,13 +179,45 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where workers compute (auto: a visible GPU, else the CPU)")
     le.add_argument("--resume", action="store_true", help="complete an existing lens store")
 
+    rel = sub.add_parser("relations", help="geometry of relations between concepts: analogies, crystals, the "
+                                           "first-order Markov check").add_subparsers(dest="relations_command",
+                                                                                      required=True,
+                                                                                      parser_class=_Parser)
+    an = rel.add_parser("analogies", parents=[common],
+                        help="averaged-delta and 3CosAdd analogies and concept crystals (LDA) in the input, output "
+                             "and hidden spaces → relations results store")
+    an.add_argument("--model", required=True, help="as for extract: a local directory, .gguf file or an alias")
+    an.add_argument("--pairs", default=None, help="JSONL of {relation, subject, object} (default: the bundled "
+                                                  "toolkit/data/relations.jsonl)")
+    an.add_argument("--out", required=True, help="the relations results store to create (a directory)")
+    an.add_argument("--spaces", default="input,output,hidden", help="input, output, hidden (default all three)")
+    an.add_argument("--layers", help="hidden layers: numbers and A:B ranges (B excluded; default: all)")
+    an.add_argument("--template", default="The word is {word}",
+                    help="text around each word for the hidden space; {word} marks it and may not come first "
+                         "(default 'The word is {word}')")
+    an.add_argument("--top-k", type=POSITIVE, default=10, help="accuracy at 1 and at this k (default 10)")
+    an.add_argument("--lda-components", type=POSITIVE, default=2, help="LDA components of the crystals (default 2)")
+    an.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the out-of-sample split (default 0)")
+    an.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: a GPU if present")
+    mk = rel.add_parser("markov", parents=[common],
+                        help="does the direct path (input embedding → unembedding) predict the bigram successor?")
+    mk.add_argument("--model", required=True, help="as for extract: a local directory, .gguf file or an alias")
+    mk.add_argument("--corpus", required=True, help="a UTF-8 text file, or an activation store (its input_ids)")
+    mk.add_argument("--out", required=True, help="the Markov results store to create (a directory)")
+    mk.add_argument("--top", type=POSITIVE, default=1000, help="the N most frequent tokens checked (default 1000)")
+    mk.add_argument("--min-count", type=POSITIVE, default=20,
+                    help="occurrences a token needs for KL(bigram ‖ model) (default 20)")
+    mk.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: a GPU if present")
+
     pl = sub.add_parser("plot", parents=[common],
                         help="PNG figures of every observable against layer and relative depth")
-    pl.add_argument("results", help="a results store (from repgeo summarize)")
-    pl.add_argument("--out", required=True, help="directory for the PNG files")
-    pl.add_argument("--groupby", help="a prompt label: one line per value (default: the store's --groupby)")
-    pl.add_argument("--n2", type=_at_least(2), default=32, help="GRIDE scale to plot (default 32)")
-    pl.add_argument("--k", type=POSITIVE, default=8, help="overlap neighbourhood size to plot (default 8)")
+    pl.add_argument("results", help="a store: results (summarize), lens results (lens)")
+    pl.add_argument("--out", required=True, help="directory for the figures")
+    pl.add_argument("--groupby", help="results: a prompt label, one line per value (default: the store's --groupby)")
+    pl.add_argument("--n2", type=_at_least(2), help="results: GRIDE scale to plot (default 32)")
+    pl.add_argument("--k", type=POSITIVE, help="results: overlap neighbourhood size to plot (default 8)")
+    pl.add_argument("--prompt", type=NON_NEGATIVE, help="lens: the prompt (index) whose layer × token grid to draw")
+    pl.add_argument("--tokens", help="lens: the token positions A:B of the grid (B excluded; default: the first 40)")
     pl.add_argument("--layers", help="layers to draw: numbers and A:B ranges (B excluded), e.g. 1: or 0,5,10:20 "
                                      "(default: all)")
 
@@ -215,7 +272,8 @@ def _extract(args) -> int:
         max_tokens=args.max_tokens, min_tokens=args.min_tokens, batch_size=args.batch_size,
         shuffle_levels=args.shuffle_levels, seed=args.seed, resume=args.resume,
         withhold_texts=args.withhold_texts, device=args.device, device_map=args.device_map, bos=args.bos,
-        bos_token=args.bos_token,
+        bos_token=args.bos_token, contributions=args.contributions, flow_targets=args.flow_targets,
+        flow_weighting=args.flow_weighting, flow_gradients=args.flow_gradients, yes=args.yes,
     )
     return run_extract(settings)
 
@@ -232,11 +290,17 @@ def _lens(args) -> int:
     return run_lens(args)
 
 
-def _plot(args) -> int:
-    from .plot import plot_results
+def _relations(args) -> int:
+    from .relations.main import run_analogies, run_markov
 
-    for path in plot_results(args.results, args.out, groupby=args.groupby, n2=args.n2, k=args.k,
-                             layers=args.layers):
+    return run_analogies(args) if args.relations_command == "analogies" else run_markov(args)
+
+
+def _plot(args) -> int:
+    from .plot import plot_store
+
+    options = {name: getattr(args, name) for name in ("groupby", "n2", "k", "layers", "prompt", "tokens")}
+    for path in plot_store(args.results, args.out, **{k: v for k, v in options.items() if v is not None}):
         print(path)
     return 0
 
@@ -266,8 +330,8 @@ def _sae(args) -> int:
     return run_train(args) if args.sae_command == "train" else run_sae_cooccurrence(args)
 
 
-COMMANDS = {"extract": _extract, "summarize": _summarize, "lens": _lens, "plot": _plot, "sae": _sae,
-            "validate": _validate, "info": _info}
+COMMANDS = {"extract": _extract, "summarize": _summarize, "lens": _lens, "relations": _relations, "plot": _plot,
+            "sae": _sae, "validate": _validate, "info": _info}
 
 
 def main(argv=None) -> int:
@@ -276,7 +340,8 @@ def main(argv=None) -> int:
     # Libraries' own bars (one per rank, e.g. GGUF de-quantisation) would flood job logs; rank 0 reports progress.
     os.environ.setdefault("TQDM_DISABLE", "1")
     args = build_parser().parse_args(argv)
-    command = " ".join(filter(None, (args.command, getattr(args, "sae_command", None))))
+    command = " ".join(filter(None, (args.command, getattr(args, "sae_command", None),
+                                     getattr(args, "relations_command", None))))
     try:
         return COMMANDS[args.command](args)
     except UserError as e:

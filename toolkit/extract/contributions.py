@@ -84,6 +84,7 @@ class ContributionRecorder:
         self.gemma = hasattr(self.blocks[0], "post_feedforward_layernorm")
         self.weighting = weighting
         self.records, self._handles, self._pending = [], [], {}
+        self.recording = False
 
     def __enter__(self):
         for b, block in enumerate(self.blocks):
@@ -103,12 +104,20 @@ class ContributionRecorder:
         self._handles = []
 
     def start(self):
-        """Forget the previous forward pass's records."""
+        """Record the next forward pass (forgetting the previous one's records)."""
         self.records = [dict() for _ in self.blocks]
+        self.recording = True
+
+    def stop(self):
+        """Record nothing more (e.g. in the gradient passes) until `start`."""
+        self.recording = False
 
     def _hook(self, module, fn, pre=False):
+        def when_recording(*args):
+            if self.recording:
+                return fn(*args)
         register = module.register_forward_pre_hook if pre else module.register_forward_hook
-        self._handles.append(register(fn, with_kwargs=True))
+        self._handles.append(register(when_recording, with_kwargs=True))
 
     def _stream_in(self, b):
         def hook(module, args, kwargs):

@@ -86,6 +86,8 @@ def forward_batch(model, batch_ids: list, prompts: list, device: str, dtype: str
         recorder.start()
     # logits_to_keep=1: the model's own logits of every position would take (batch · token · vocab) floats
     out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False, logits_to_keep=1)
+    if recorder is not None:
+        recorder.stop()
     # (prompt, layer, token, dim); with a device map the layers live on several GPUs
     computed = torch.stack([h.to(ids.device) for h in out.hidden_states], dim=1)
     stored = to_storage(computed, dtype)

@@ -20,6 +20,7 @@ from ..models import (load_model, load_tokenizer, model_description, resolve_mod
                       weights_sha256)
 from ..prompts import read_prompts
 from ..store.activations import PromptWriter, create_activation_store, label_arrays, open_activation_group
+from ..store.validate import require_consistent
 from ..store.zarr_io import consolidate
 from .plan import batches_of_rank, first_token_id, make_batches, make_plan
 from .progress import Progress
@@ -100,7 +101,7 @@ def _identity(attrs: dict) -> dict:
 
 
 def _check_resumable(out: str, attrs: dict):
-    group = open_activation_group(out)
+    group = require_consistent(out, "activations")  # a done prompt whose data went missing would stay missing
     old, new = _identity(dict(group.attrs)), _identity(attrs)
     differ = [k for k in new if old[k] != new[k]]
     if differ:
@@ -259,8 +260,10 @@ def _run(s: ExtractSettings, ranks, stop: _StopFlag) -> int:
         _disk_check(s.out, int(n_tokens[~done].sum()) * n_layers * d_model, s.dtype,
                     contribution_values(model.config, flow, n_tokens[~done]) if flow else 0)
         if not exists:
+            spec = None if not flow else {"heads": int(model.config.num_attention_heads), "gradients": flow.gradients,
+                                          "targets": [flow.positions(int(n)) for n in n_tokens]}
             create_activation_store(s.out, plan, n_layers=n_layers, d_model=d_model, dtype=s.dtype, attrs=attrs,
-                                    withhold_texts=s.withhold_texts)
+                                    withhold_texts=s.withhold_texts, contributions=spec)
         group = open_activation_group(s.out, "r+")
         runs = list(group.attrs.get("runs", []))
         runs.append({"started": started, "ranks": ranks.size, "device": device, "resumed": exists,

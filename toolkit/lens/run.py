@@ -18,6 +18,7 @@ from ..runtime.cluster import completed, run_with_client, start_mpi
 from ..runtime.layers import parse_layers
 from ..store.activations import open_activation_group, source_identity
 from ..store.lens_results import DECODERS, create_lens_store, open_lens_group, write_prompt_lens
+from ..store.validate import require_consistent
 from ..store.zarr_io import consolidate
 from .tasks import lens_task
 from .weights import model_of_store, write_lens_weights
@@ -57,7 +58,7 @@ def parse_decoders(text: str) -> tuple:
 
 def check_inputs(args):
     """Everything refused before work starts: (params, model reference)."""
-    source = open_activation_group(args.store)
+    source = require_consistent(args.store, "activations")
     n_layers, vocab = source["hidden"].shape[1], source.attrs["model"]["vocab_size"]
     params = LensParams(decoders=parse_decoders(args.decoders), top_k=args.top_k,
                         layers=tuple(parse_layers(args.layers, n_layers)))
@@ -68,7 +69,7 @@ def check_inputs(args):
     if os.path.exists(args.out):
         if not args.resume:
             raise UserError(f"{args.out} already exists; pass --resume to complete it, or choose a new --out")
-        old = dict(open_lens_group(args.out).attrs)
+        old = dict(require_consistent(args.out, "lens").attrs)
         if old["source"] != source_identity(args.store, source) or old["parameters"] != params.recorded():
             raise UserError(f"{args.out} was computed from another store or with other parameters; --resume needs "
                             f"the same ones, or choose a new --out")

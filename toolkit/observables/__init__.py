@@ -18,11 +18,13 @@ from .distances import (first_occurrences, pairwise_distances, shared_rows, sort
                         unique_rows)
 from .divergence import gaussian_kl_divergence, knn_kl_divergence
 from .global_shape import anisotropy, cosine_stats, norm_mean
+from .heads import cosine_norm_correlation
 from .intrinsic_dimension import gride_ranks, gride_scaling, twonn_id
 from .neighborhoods import neighborhood_overlap, nn_cosine, nn_reciprocity
 
 __all__ = [
     "anisotropy",
+    "cosine_norm_correlation",
     "cosine_stats",
     "first_occurrences",
     "gaussian_kl_divergence",

@@ -111,6 +111,9 @@ def run_on_mpi(client_function, ranks) -> object:
     def client_side():
         try:
             with Client() as client:
+                # every rank's worker joins before work is planned (tasks are sized to the workers, and the SAE
+                # counts are collected from each of them)
+                client.wait_for_workers(ranks.size, timeout=300)
                 outcome["result"] = client_function(client)
         except BaseException as e:  # reported by the caller on rank 0
             outcome["error"] = e

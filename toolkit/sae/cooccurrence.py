@@ -43,6 +43,7 @@ from ..observables import (AFFINITIES, affinity, affinity_spectrum, block_occurr
 from ..store.activations import source_identity
 from ..runtime.partial import Partial
 from ..store.sae_results import create_sae_results_store
+from ..store.validate import require_consistent
 from ..store.zarr_io import consolidate
 from ..runtime.cluster import completed, task_settings
 from .files import CFG_FILE, WEIGHTS_FILE, encode, load_sae
@@ -173,7 +174,7 @@ def count_cooccurrence(client, settings: CooccurrenceSettings, source: StoreLaye
         for _ in completed(tasks, tokens, _log, "sae cooccurrence", "tokens"):
             pass
         sums = [client.submit(take_counts, job, workers=[w], allow_other_workers=False, pure=False)
-                for w in workers]
+                for w in client.nthreads()]  # every worker now, including any that joined after planning
         while len(sums) > 1:
             sums = [client.submit(add_counts, *sums[i:i + 2], pure=False) if i + 1 < len(sums) else sums[i]
                     for i in range(0, len(sums), 2)]
@@ -294,6 +295,7 @@ def check_inputs(settings: CooccurrenceSettings) -> tuple:
         raise UserError("--block must be at least 1, --permutations and --galaxy-tokens at least 2")
     if not settings.clusters or min(settings.clusters) < 2:
         raise UserError("--clusters must list cluster counts of at least 2, e.g. 2,4,8")
+    require_consistent(settings.store, "activations")
     source = StoreLayer(settings.store, settings.layer)
     sae = load_sae(settings.sae, source.d_model)
     return source, sae, sae_identity(settings.sae, sae)

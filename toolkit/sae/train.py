@@ -29,6 +29,7 @@ from .. import __version__
 from ..errors import UserError
 from ..runtime.partial import Partial
 from ..store.activations import source_identity
+from ..store.validate import require_consistent
 from .files import encode, load_sae, save_sae
 from .layer import StoreLayer, sae_hook_name
 
@@ -188,6 +189,7 @@ def train_sae(settings: TrainSettings) -> dict:
     """Train, save to ``settings.out`` (SAELens layout) and evaluate; returns the evaluation dict."""
     if os.path.exists(settings.out):
         raise UserError(f"{settings.out} already exists; choose a new --out (an SAE directory is never overwritten)")
+    require_consistent(settings.store, "activations")
     layer = StoreLayer(settings.store, settings.layer)
     d_in = layer.d_model
     d_sae = settings.features or 8 * d_in

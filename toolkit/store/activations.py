@@ -35,9 +35,25 @@ KIND = "activations"
 SCHEMA_VERSION = "1.0"
 STORED_DTYPES = {"float16": "float16", "bfloat16": "float32", "float32": "float32"}
 #: Arrays of the layout; every other array on ``prompt`` is a label.
-LAYOUT = {"hidden", "input_ids", "n_tokens", "token_loss", "loss", "done", "prompt", "layer", "text", "text_sha256"}
+#: Arrays of ``extract --contributions``: name → (dims, description). ``block`` b reads layer b, writes layer b + 1.
+CONTRIBUTIONS = {
+    "head_norm": (("prompt", "block", "head", "token"), "L2 norm of each head's write into the residual stream"),
+    "head_cosine": (("prompt", "block", "head", "token"),
+                    "cosine of each head's write with the residual stream entering the block"),
+    "resid_norm": (("prompt", "block", "token"), "L2 norm of the residual stream entering the block"),
+    "attn_norm": (("prompt", "block", "token"), "L2 norm of the attention's write"),
+    "mlp_norm": (("prompt", "block", "token"), "L2 norm of the MLP's write"),
+    "attn_share": (("prompt", "block", "token"), "|attn| / (|attn| + |stream entering the block|)"),
+    "mlp_share": (("prompt", "block", "token"), "|mlp| / (|mlp| + |stream after the attention|)"),
+    "flow": (("prompt", "target", "layer", "token"),
+             "importance of each (layer, token) node for the target token; sums to 1 over token"),
+    "grad_norm": (("prompt", "target", "layer", "token"),
+                  "L2 norm of the gradient of the target's predicted-token log-probability w.r.t. each hidden state"),
+}
+LAYOUT = {"hidden", "input_ids", "n_tokens", "token_loss", "loss", "done", "prompt", "layer", "text", "text_sha256",
+          "block", "head", "flow_target", *CONTRIBUTIONS}
 #: Arrays the ranks write prompt by prompt; all others are written once, at creation, with a digest.
-PER_PROMPT = ("hidden", "token_loss", "loss", "done")
+PER_PROMPT = ("hidden", "token_loss", "loss", "done", *CONTRIBUTIONS)
 #: Names that labels may not take because the layout uses them.
 RESERVED = LAYOUT | {
     "token", "dim",
@@ -65,8 +81,11 @@ def label_arrays(plan_prompts: list) -> dict:
 
 
 def create_activation_store(path: str, plan, *, n_layers: int, d_model: int, dtype: str, attrs: dict,
-                            withhold_texts: bool) -> zarr.Group:
+                            withhold_texts: bool, contributions: dict | None = None) -> zarr.Group:
     """Create the store with its plan (ids, lengths, labels, texts) written and no prompt done.
+
+    contributions: for ``extract --contributions``, {"heads": H, "targets": positions per prompt (list of
+    arrays), "gradients": bool}; the arrays of :data:`CONTRIBUTIONS` are added (grad_norm with gradients).
 
     It is built in a partial directory this job owns (:class:`~toolkit.runtime.partial.Partial`) and renamed
     into place only when complete, so a store at ``path`` always has its full metadata, whatever moment a run is
@@ -75,12 +94,12 @@ def create_activation_store(path: str, plan, *, n_layers: int, d_model: int, dty
     quiet_zarr()
     with Partial(path, "repgeo extract") as partial:
         _build_activation_store(partial.path, plan, n_layers=n_layers, d_model=d_model, dtype=dtype, attrs=attrs,
-                                withhold_texts=withhold_texts)
+                                withhold_texts=withhold_texts, contributions=contributions)
         partial.finish()
     return zarr.open_group(path, mode="r+", zarr_format=3)
 
 
-def _build_activation_store(partial: str, plan, *, n_layers, d_model, dtype, attrs, withhold_texts):
+def _build_activation_store(partial: str, plan, *, n_layers, d_model, dtype, attrs, withhold_texts, contributions):
     n_prompts = len(plan.prompts)
     n_tokens = plan.n_tokens
     width = int(n_tokens.max())
@@ -116,6 +135,9 @@ def _build_activation_store(partial: str, plan, *, n_layers, d_model, dtype, att
                        attributes={"description": "true once the prompt's data is completely written"})
     layers = np.arange(n_layers, dtype=np.int64)
     write_1d(group, "layer", layers, "layer", {"description": "0 = embeddings, i = output of block i"})
+    written_once = {}
+    if contributions:
+        written_once = _contribution_arrays(group, contributions, n_prompts, n_layers, width, coords)
     if withhold_texts:
         import hashlib
 
@@ -126,9 +148,33 @@ def _build_activation_store(partial: str, plan, *, n_layers, d_model, dtype, att
     on_prompt = {"n_tokens": n_tokens, "prompt": np.arange(n_prompts, dtype=np.int64), **texts, **labels}
     for name, values in on_prompt.items():
         write_1d(group, name, values, "prompt")
-    group.attrs["digests"] = {name: array_digest(values)
-                              for name, values in {"input_ids": ids, "layer": layers, **on_prompt}.items()}
+    group.attrs["digests"] = {name: array_digest(values) for name, values in
+                              {"input_ids": ids, "layer": layers, **written_once, **on_prompt}.items()}
     consolidate(partial)
+
+
+def _contribution_arrays(group, spec: dict, n_prompts: int, n_layers: int, width: int, coords: str) -> dict:
+    """Create the arrays of :data:`CONTRIBUTIONS` (one chunk per prompt: each written by the rank that owns it)
+    and write the coordinates; returns those written once (name → values) for the digests."""
+    n_targets = max(1, max(len(t) for t in spec["targets"]))
+    sizes = {"block": n_layers - 1, "head": spec["heads"], "token": width, "target": n_targets, "layer": n_layers}
+    for name, (dims, description) in CONTRIBUTIONS.items():
+        if name == "grad_norm" and not spec["gradients"]:
+            continue
+        shape = (n_prompts, *(sizes[d] for d in dims[1:]))
+        group.create_array(name, shape=shape, chunks=(1, *shape[1:]), dtype="float32", fill_value=np.nan,
+                           dimension_names=list(dims), compressors=_compressors("float32"),
+                           attributes={"description": description, "coordinates": coords})
+    positions = np.full((n_prompts, n_targets), -1, dtype=np.int32)
+    for i, targets in enumerate(spec["targets"]):
+        positions[i, : len(targets)] = targets
+    group.create_array("flow_target", shape=positions.shape, chunks=positions.shape, dtype="int32", fill_value=-1,
+                       dimension_names=["prompt", "target"], compressors=_compressors("float32"),
+                       attributes={"description": "token position of each flow target (-1: none)"})[...] = positions
+    blocks, heads = np.arange(n_layers - 1, dtype=np.int64), np.arange(spec["heads"], dtype=np.int64)
+    write_1d(group, "block", blocks, "block", {"description": "block b reads layer b and writes layer b + 1"})
+    write_1d(group, "head", heads, "head")
+    return {"flow_target": positions, "block": blocks, "head": heads}
 
 
 def open_activation_group(path: str, mode: str = "r") -> zarr.Group:
@@ -172,6 +218,7 @@ class PromptWriter:
         self.token_loss = group["token_loss"]
         self.loss = group["loss"]
         self.done = group["done"]
+        self.contributions = {name: group[name] for name in CONTRIBUTIONS if name in group}
         _, n_layers, self.width, d_model = self.hidden.shape
         self._slab = np.full((n_layers, self.width, d_model), np.nan, dtype=self.hidden.dtype)
 
@@ -186,4 +233,9 @@ class PromptWriter:
         row[:n] = token_loss
         self.token_loss[prompt] = row
         self.loss[prompt] = np.float32(np.nanmean(token_loss)) if n > 1 else np.float32(np.nan)
+        for name, array in self.contributions.items():
+            full = np.full(array.shape[1:], np.nan, dtype=np.float32)
+            value = contributions[name]
+            full[tuple(slice(0, s) for s in value.shape)] = value  # targets and tokens past the prompt stay NaN
+            array[prompt] = full
         self.done[prompt] = True

@@ -29,8 +29,8 @@ def store_info(path: str) -> str:
     """The account of the store at ``path``; refused (:class:`UserError`) when the store is not consistent."""
     kind = open_store(path)[1]
     group = require_consistent(path, kind)  # what follows reads attributes of the types the schema pins
-    return {"activations": _activations_info, "results": _results_info,
-            "sae_cooccurrence": _sae_cooccurrence_info}[kind](path, group)
+    return {"activations": _activations_info, "results": _results_info, "sae_cooccurrence": _sae_cooccurrence_info,
+            "lens": _lens_info}[kind](path, group)
 
 
 def _activations_info(path: str, group) -> str:
@@ -79,6 +79,23 @@ def _results_info(path: str, group) -> str:
         f"  complete   {int(done.sum())}/{len(done)} prompts done"
         + ("" if done.all() else " (rerun summarize with --resume to finish)")
         + (f", groups {'done' if a.get('groups_done') else 'not done'}" if params.get("groupby") else ""),
+        f"  created    {a['created']} by repgeo {a['toolkit_version']}",
+    ]
+    return "\n".join(lines)
+
+
+def _lens_info(path: str, group) -> str:
+    a = dict(group.attrs)
+    done, source, params = group["done"][:], a["source"], a["parameters"]
+    layers = params["layers"]
+    lines = [
+        f"lens store {path}",
+        f"  source     {source['path']} ({source['model']}, {source['n_prompts']} prompts)",
+        f"  readings   decoders {', '.join(params['decoders'])}; top {params['top_k']}; {len(layers)} layers "
+        f"({layers[0]}…{layers[-1]}); vocabulary {group['vocab'].shape[0]} tokens",
+        f"  size       {disk_usage(path) / 2**20:.1f} MiB on disk",
+        f"  complete   {int(done.sum())}/{len(done)} prompts done"
+        + ("" if done.all() else " (rerun lens with --resume to finish)"),
         f"  created    {a['created']} by repgeo {a['toolkit_version']}",
     ]
     return "\n".join(lines)

@@ -11,6 +11,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from ..observables.heads import SPANS, STATISTICS
 from ..runtime.partial import Partial
 from .info import LAYOUT
 from .zarr_io import consolidate, eager_labels, open_repgeo_group, quiet_zarr, write_1d
@@ -36,6 +37,11 @@ VARIABLES = {
     "norm_mean": (("prompt", "layer"), "float64", "mean Euclidean norm (hidden-state units)"),
     "knn_index": (("prompt", "layer", "token", "neighbor"), "int32", "nearest neighbours, self excluded (-1: none)"),
     "knn_distance": (("prompt", "layer", "token", "neighbor"), "float64", "float64 Euclidean distance"),
+    "contrib_corr": (("prompt", "block", "stat", "span"), "float64",
+                     "correlation of the heads' write cosine and write norm over heads x tokens of the first / last "
+                     "--contrib-span tokens"),
+    "contrib_corr_p": (("prompt", "block", "stat", "span"), "float64", "p-value of contrib_corr"),
+    "head_norm_mean": (("prompt", "block", "head"), "float64", "mean L2 norm of each head's write over the tokens"),
     "group_gride_id": (("group", "layer", "n2"), "float64", "GRIDE id of the group's pooled tokens"),
     "group_gride_err": (("group", "layer", "n2"), "float64", "GRIDE error bar"),
     "group_gride_scale": (("group", "layer", "n2"), "float64", "distance scale"),
@@ -68,7 +74,9 @@ def create_results_store(path: str, *, source, params, variables: list, groups: 
 def _build_results_store(partial: str, *, source, params, variables, groups, attrs):
     n_prompts, n_layers, width, _ = source["hidden"].shape
     sizes = {"prompt": n_prompts, "layer": n_layers, "n2": len(params.n2), "k": params.overlap_k,
-             "token": width, "neighbor": params.overlap_k, "group": len(groups or [])}
+             "token": width, "neighbor": params.overlap_k, "group": len(groups or []), "block": n_layers - 1,
+             "head": source["head_norm"].shape[2] if "head_norm" in source else 0, "stat": len(STATISTICS),
+             "span": len(SPANS)}
     labels = [name for name, _ in source.arrays() if name not in LAYOUT]
     coords = " ".join(["n_tokens", *labels])
 
@@ -102,6 +110,11 @@ def _build_results_store(partial: str, *, source, params, variables, groups, att
     write_1d(group, "k", params.ks, "k", {"description": "neighbourhood size of the overlap"})
     if params.save_knn:
         write_1d(group, "neighbor", np.arange(1, params.overlap_k + 1), "neighbor")
+    if params.wants("contributions"):
+        write_1d(group, "block", np.arange(n_layers - 1, dtype=np.int64), "block",
+                 {"description": "block b reads layer b and writes layer b + 1"})
+        write_1d(group, "stat", np.array(STATISTICS, dtype=object), "stat")
+        write_1d(group, "span", np.array(SPANS, dtype=object), "span", {"tokens": params.contrib_span})
     if groups:
         write_1d(group, "group", np.array([str(g) for g in groups], dtype=object), "group",
                  {"label": params.groupby})

@@ -22,7 +22,7 @@ from .zarr_io import (UnreadableGroup, array_digest, chunk_key, describe_error, 
 
 SCHEMA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "schemas")
 SCHEMA_FILES = {"activations": "activation-store.schema.json", "results": "results.schema.json",
-                "sae_cooccurrence": "sae-cooccurrence.schema.json"}
+                "sae_cooccurrence": "sae-cooccurrence.schema.json", "lens": "lens-results.schema.json"}
 #: Arrays written once whose size grows with the prompts' lengths: only ``--deep`` reads them for their digests.
 GROWING = {"text", "input_ids"}
 #: Prompts named in one problem line; the rest are counted.
@@ -118,8 +118,8 @@ def store_problems(path: str, group: zarr.Group, kind: str, deep: bool = False) 
     if problems:  # the checks below rely on the types and arrays the schema pins
         return problems
     problems = _dimension_problems(description["arrays"])
-    problems += {"activations": _activation_layout, "results": _results_layout,
-                 "sae_cooccurrence": _sae_layout}[kind](description)
+    problems += {"activations": _activation_layout, "results": _results_layout, "sae_cooccurrence": _sae_layout,
+                 "lens": _lens_layout}[kind](description)
     if problems:
         return problems
     if kind == "activations":
@@ -219,6 +219,19 @@ def _results_layout(description: dict) -> list:
     if params["save_knn"] != ("knn_index" in arrays and "knn_distance" in arrays):
         problems.append(f"save_knn is {params['save_knn']} but knn_index and knn_distance are "
                         f"{'absent' if params['save_knn'] else 'present'}")
+    return problems
+
+
+def _lens_layout(description: dict) -> list:
+    arrays, attrs = description["arrays"], description["attributes"]
+    params, problems = attrs["parameters"], []
+    if attrs["source"]["n_prompts"] != arrays["prompt"]["shape"][0]:
+        problems.append(f"the store has {arrays['prompt']['shape'][0]} prompts, its source "
+                        f"{attrs['source']['n_prompts']}")
+    expected = {"decoder": len(params["decoders"]), "layer": len(params["layers"]), "top": params["top_k"],
+                "k": len(params["ks"])}
+    problems += [f"{name} has {arrays[name]['shape'][0]} values, but the parameters say {size}"
+                 for name, size in expected.items() if arrays[name]["shape"] != [size]]
     return problems
 
 

@@ -117,6 +117,15 @@ def prompt_observables(layers, params, n_layers: int, width: int) -> dict:
     return out
 
 
+def contribution_observables(head_cosine, head_norm, params) -> dict:
+    """Per block of one prompt: contrib_corr and contrib_corr_p (block, stat, span) between the heads' write
+    cosine and norm (`cosine_norm_correlation` over the first and last ``params.contrib_span`` tokens), and
+    head_norm_mean (block, head). head_cosine, head_norm: (block, head, token) over the prompt's tokens."""
+    pairs = [obs.cosine_norm_correlation(c, n, params.contrib_span) for c, n in zip(head_cosine, head_norm)]
+    return {"contrib_corr": np.stack([c for c, _ in pairs]), "contrib_corr_p": np.stack([p for _, p in pairs]),
+            "head_norm_mean": np.asarray(head_norm, np.float64).mean(axis=-1)}
+
+
 def group_observables(pools: dict, params) -> dict:
     """Per-group observables at one layer. pools: group name → (token, dim) pooled sample of that group.
 

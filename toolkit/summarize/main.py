@@ -12,7 +12,7 @@ def run_summarize(args) -> int:
     params = SummarizeParams(
         observables=parse_observables(args.observables, args.groupby, args.reference),
         overlap_k=args.overlap_k, save_knn=args.save_knn, groupby=args.groupby, reference=args.reference,
-        group_size=args.group_size, seed=args.seed, skip_tokens=args.skip_tokens,
+        group_size=args.group_size, seed=args.seed, skip_tokens=args.skip_tokens, contrib_span=args.contrib_span,
     )
     groups = check_inputs(args.store, args.out, params, args.resume)  # under MPI every rank refuses alike
     run_with_client(args.scheduler, args.workers, lambda client: summarize(args.store, args.out, params, client,

@@ -17,6 +17,7 @@ PROMPT_OBSERVABLES = {
     "anisotropy": ("anisotropy",),
     "reciprocity": ("nn_reciprocity", "nn_cosine"),
     "norm": ("norm_mean",),
+    "contributions": ("contrib_corr", "contrib_corr_p", "head_norm_mean"),
 }
 #: Per-(group, layer) observables, computed with --groupby.
 GROUP_OBSERVABLES = {
@@ -42,6 +43,7 @@ class SummarizeParams:
     kl_k: int = 5  # neighbour rank of the k-NN KL estimator
     seed: int = 0
     skip_tokens: int = 0  # positions 0 … skip_tokens-1 of every prompt are left out of every cloud and pool
+    contrib_span: int = 10  # contributions: correlations over the first and the last contrib_span tokens
 
     @property
     def ks(self) -> np.ndarray:
@@ -60,10 +62,11 @@ class SummarizeParams:
 
 
 def parse_observables(text: str | None, groupby: str | None, reference: str | None) -> tuple:
-    """The ``--observables`` list (default: every per-prompt one, plus the group ones with --groupby)."""
+    """The ``--observables`` list (default: every per-prompt one but contributions, plus the group ones with
+    --groupby)."""
     known = list(PROMPT_OBSERVABLES) + list(GROUP_OBSERVABLES)
     if text is None:
-        chosen = list(PROMPT_OBSERVABLES)
+        chosen = [name for name in PROMPT_OBSERVABLES if name != "contributions"]  # needs a store that has them
         if groupby:
             chosen += ["group_gride", "group_anisotropy"] + (["group_kl"] if reference is not None else [])
         return tuple(chosen)

@@ -14,10 +14,11 @@ from ..errors import UserError
 from ..runtime.cluster import completed
 from ..store.activations import open_activation_group, source_identity
 from ..store.info import LAYOUT
+from ..store.validate import require_consistent
 from ..store.zarr_io import consolidate
 from ..store.results import VARIABLES, create_results_store, open_results_group, write_prompt_results
 from .cloud import empty_prompt_results
-from .params import GROUP_OBSERVABLES, SummarizeParams
+from .params import GROUP_OBSERVABLES, PROMPT_OBSERVABLES, SummarizeParams
 from .tasks import group_task, group_values, prompt_task, store_group_members
 
 
@@ -27,6 +28,8 @@ def _log(msg: str):
 
 def _variables(params, n_layers: int) -> list:
     names = list(empty_prompt_results(params, n_layers, 1))
+    if params.wants("contributions"):
+        names += list(PROMPT_OBSERVABLES["contributions"])
     for obs_name, variables in GROUP_OBSERVABLES.items():
         if params.wants(obs_name):
             names += list(variables)
@@ -35,13 +38,16 @@ def _variables(params, n_layers: int) -> list:
 
 def check_inputs(store: str, out: str, params: SummarizeParams, resume: bool):
     """Everything that can be refused before any work starts; returns the group values (None without --groupby)."""
-    source = open_activation_group(store)
+    source = require_consistent(store, "activations")
     labels = [name for name, _ in source.arrays() if name not in LAYOUT]
     groups = None
     clash = sorted(set(labels) & set(VARIABLES) | set(labels) & {"n2", "k", "group", "neighbor"})
     if clash:
         raise UserError(f"label {clash[0]!r} of {store} collides with a results variable; re-extract with the "
                         f"label renamed")
+    if params.wants("contributions") and "head_norm" not in source:
+        raise UserError(f"{store} was extracted without --contributions; re-extract it with --contributions for "
+                        f"--observables contributions")
     if params.reference is not None and not params.groupby:
         raise UserError("--reference names a group: give --groupby LABEL too")
     if params.groupby:
@@ -55,7 +61,7 @@ def check_inputs(store: str, out: str, params: SummarizeParams, resume: bool):
     if os.path.exists(out):
         if not resume:
             raise UserError(f"{out} already exists; pass --resume to complete it, or choose a new --out")
-        old = dict(open_results_group(out).attrs)
+        old = dict(require_consistent(out, "results").attrs)
         if old["source"] != source_identity(store, source) or old["parameters"] != params.recorded():
             raise UserError(f"{out} was computed from another store or with other parameters; --resume needs the "
                             f"same ones, or choose a new --out")

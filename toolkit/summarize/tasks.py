@@ -12,7 +12,11 @@ import numpy as np
 from ..errors import UserError
 from ..runtime.cluster import task_settings
 from ..store.activations import open_activation_group
-from .cloud import group_observables, prompt_observables
+from .cloud import contribution_observables, group_observables, prompt_observables
+from .params import PROMPT_OBSERVABLES
+
+#: The observables computed from the hidden states' point clouds.
+GEOMETRY = [name for name in PROMPT_OBSERVABLES if name != "contributions"]
 
 
 def _slab(hidden, store: str, prompt: int, layer: int, start: int, stop: int) -> np.ndarray:
@@ -35,8 +39,14 @@ def prompt_task(store: str, prompt: int, params) -> tuple:
         hidden = group["hidden"]
         n = int(group["n_tokens"][prompt])
         n_layers, width = hidden.shape[1], hidden.shape[2]
-        slabs = (_slab(hidden, store, prompt, layer, params.skip_tokens, n) for layer in range(n_layers))
-        return prompt, prompt_observables(slabs, params, n_layers, width)
+        out = {}
+        if any(params.wants(name) for name in GEOMETRY):
+            slabs = (_slab(hidden, store, prompt, layer, params.skip_tokens, n) for layer in range(n_layers))
+            out.update(prompt_observables(slabs, params, n_layers, width))
+        if params.wants("contributions"):
+            out.update(contribution_observables(group["head_cosine"][prompt, :, :, :n],
+                                                group["head_norm"][prompt, :, :, :n], params))
+        return prompt, out
 
 
 def group_values(labels: np.ndarray) -> list:
