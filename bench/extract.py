@@ -6,8 +6,11 @@ Same prompts, same model, same batch size, same threads, run one after another (
 - repgeo:  the real CLI (`repgeo extract --dtype float16`, compressed, checksummed, written in the background);
            its own timer covers the compute-and-write loop, so model loading is excluded as for the others.
 - npsave:  one prompt at a time, hidden states as float32 numpy, one `np.save` per prompt (the notebooks' way).
+- contributions: the real CLI with `--contributions` (head, attention and MLP writes, flow to the last token:
+           eager attention and hooks), and with `--contributions --flow-gradients` (one backward pass per target).
 
-Prints seconds, tokens/s, the ratio to the bare forward, and bytes on disk per stored value.
+Prints seconds, tokens/s, the ratio to the bare forward, bytes on disk per stored value, and, for the
+contributions runs, their ratio to the plain repgeo run and the bytes they add per prompt.
 
     .venv/bin/python bench/extract.py [--model smollm2-135m] [--prompts 8] [--tokens 1024] [--batch-size 1]
 """
@@ -78,10 +81,10 @@ def npsave(model, ids, directory) -> float:
     return time.perf_counter() - t0
 
 
-def repgeo(args, prompts_file, out) -> float:
+def repgeo(args, prompts_file, out, *extra) -> float:
     cmd = [os.path.join(ROOT, ".venv", "bin", "repgeo"), "extract", "--model", args.model, "--prompts", prompts_file,
            "--out", out, "--dtype", "float16", "--max-tokens", str(args.tokens), "--min-tokens", str(args.tokens),
-           "--batch-size", str(args.batch_size), "--device", args.device]
+           "--batch-size", str(args.batch_size), "--device", args.device, *extra]
     run = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     if run.returncode != 0:
         sys.exit(f"repgeo extract failed:\n{run.stderr}")
@@ -109,7 +112,7 @@ def main():
     n_tokens = sum(len(i) for i in ids)
     n_values = n_tokens * (model.config.num_hidden_layers + 1) * model.config.hidden_size
 
-    times = {"bare": [], "repgeo": [], "npsave": []}
+    times = {"bare": [], "repgeo": [], "npsave": [], "contrib": [], "contrib+grad": []}
     sizes = {}
     with tempfile.TemporaryDirectory() as tmp:
         prompts_file = os.path.join(tmp, "prompts.jsonl")
@@ -125,15 +128,25 @@ def main():
             os.makedirs(npdir)
             times["npsave"].append(npsave(model, ids, npdir))
             sizes["npsave"] = disk_usage(npdir)
+            for way, extra in (("contrib", ["--contributions"]),
+                               ("contrib+grad", ["--contributions", "--flow-gradients"])):
+                out = os.path.join(tmp, f"{way}{r}.zarr")
+                times[way].append(repgeo(args, prompts_file, out, *extra))
+                sizes[way] = disk_usage(out)
 
     base = float(np.median(times["bare"]))
     print(f"{args.prompts} prompts x {args.tokens} tokens, batch {args.batch_size}, {args.model}, "
           f"{torch.get_num_threads()} threads, device {args.device}, median of {args.repeats}")
-    print(f"{'way':8s} {'seconds':>8s} {'tokens/s':>9s} {'vs bare':>8s} {'bytes/value':>12s}")
+    print(f"{'way':12s} {'seconds':>8s} {'tokens/s':>9s} {'vs bare':>8s} {'bytes/value':>12s}")
     for way, ts in times.items():
         t = float(np.median(ts))
         per_value = f"{sizes[way] / n_values:.3f}" if way in sizes else "-"
-        print(f"{way:8s} {t:8.2f} {n_tokens / t:9.0f} {t / base:8.3f} {per_value:>12s}")
+        print(f"{way:12s} {t:8.2f} {n_tokens / t:9.0f} {t / base:8.3f} {per_value:>12s}")
+    plain = float(np.median(times["repgeo"]))
+    for way in ("contrib", "contrib+grad"):
+        added = (sizes[way] - sizes["repgeo"]) / args.prompts
+        print(f"{way}: {float(np.median(times[way])) / plain:.2f}x the plain repgeo extract, "
+              f"{added / 2**20:.2f} MiB added per prompt on disk")
 
 
 if __name__ == "__main__":

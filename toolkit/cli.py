@@ -211,12 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plot", parents=[common],
                         help="PNG figures of every observable against layer and relative depth")
-    pl.add_argument("results", help="a store: results (summarize), lens results (lens)")
+    pl.add_argument("results", help="a store: results (summarize), lens results (lens), relations, or an activation "
+                                    "store with contributions (extract --contributions)")
     pl.add_argument("--out", required=True, help="directory for the figures")
     pl.add_argument("--groupby", help="results: a prompt label, one line per value (default: the store's --groupby)")
     pl.add_argument("--n2", type=_at_least(2), help="results: GRIDE scale to plot (default 32)")
     pl.add_argument("--k", type=POSITIVE, help="results: overlap neighbourhood size to plot (default 8)")
-    pl.add_argument("--prompt", type=NON_NEGATIVE, help="lens: the prompt (index) whose layer × token grid to draw")
+    pl.add_argument("--prompt", type=NON_NEGATIVE, help="lens: the prompt (index) whose layer × token grid to draw; "
+                                                        "contributions: the prompt whose flow to draw")
+    pl.add_argument("--target", type=NON_NEGATIVE, help="contributions: the target token position (default: the "
+                                                        "store's first flow target of the prompt)")
+    pl.add_argument("--min-weight", type=_finite(0, strict=False),
+                    help="contributions: links lighter than this importance are not drawn (default 0.01)")
     pl.add_argument("--tokens", help="lens: the token positions A:B of the grid (B excluded; default: the first 40)")
     pl.add_argument("--layers", help="layers to draw: numbers and A:B ranges (B excluded), e.g. 1: or 0,5,10:20 "
                                      "(default: all)")
@@ -299,7 +305,8 @@ def _relations(args) -> int:
 def _plot(args) -> int:
     from .plot import plot_store
 
-    options = {name: getattr(args, name) for name in ("groupby", "n2", "k", "layers", "prompt", "tokens")}
+    options = {name: getattr(args, name) for name in ("groupby", "n2", "k", "layers", "prompt", "tokens", "target",
+                                                      "min_weight")}
     for path in plot_store(args.results, args.out, **{k: v for k, v in options.items() if v is not None}):
         print(path)
     return 0

@@ -251,3 +251,25 @@ def model_description(ref: ModelRef, model) -> dict:
 def _first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+def model_of_store(attrs: dict, model: str | None, store: str) -> ModelRef:
+    """The model a store was extracted with: ``model`` (the --model option) or where the store says it was, checked
+    by the sha256 of its weights. Raises UserError naming both digests when they differ."""
+    recorded = attrs["model"]
+    if model is None:
+        if recorded["id"] in ALIASES:
+            model = recorded["id"]
+        elif recorded.get("gguf_file"):
+            model = os.path.join(recorded["location"], recorded["gguf_file"])
+        else:
+            model = recorded["location"]
+        if recorded["id"] not in ALIASES and not os.path.exists(model):
+            raise UserError(f"the model {store} was extracted with is not at {model} on this machine; give its "
+                            f"files with --model PATH")
+    ref = resolve_model(model)
+    found, wanted = weights_sha256(ref), recorded.get("weights_sha256")
+    if wanted is not None and found != wanted:
+        raise UserError(f"the weights of {model} (sha256 {str(found)[:16]}…) are not those {store} was extracted "
+                        f"with (sha256 {wanted[:16]}…); give the original model with --model PATH")
+    return ref

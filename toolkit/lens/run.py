@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import UserError
-from ..models import load_model, load_tokenizer
+from ..models import load_model, load_tokenizer, model_of_store
 from ..runtime.cluster import completed, run_with_client, start_mpi
 from ..runtime.layers import parse_layers
 from ..store.activations import open_activation_group, source_identity
@@ -21,7 +21,7 @@ from ..store.lens_results import DECODERS, create_lens_store, open_lens_group, w
 from ..store.validate import require_consistent
 from ..store.zarr_io import consolidate
 from .tasks import lens_task
-from .weights import model_of_store, write_lens_weights
+from .weights import write_lens_weights
 
 #: The lens weights file, inside the results store while a run works on it.
 WEIGHTS_FILE = ".repgeo-lens-weights.safetensors"

@@ -20,7 +20,8 @@ from .activations import PER_PROMPT, STORED_DTYPES
 from .zarr_io import (UnreadableGroup, array_digest, chunk_key, describe_error, open_repgeo_group, open_zarr_group,
                       repgeo_kind, stored_keys)
 
-SCHEMA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "schemas")
+#: The JSON Schemas ship inside the package (the top-level schemas/ of the repository links here).
+SCHEMA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "schemas")
 SCHEMA_FILES = {"activations": "activation-store.schema.json", "results": "results.schema.json",
                 "sae_cooccurrence": "sae-cooccurrence.schema.json", "lens": "lens-results.schema.json"}
 #: Arrays written once whose size grows with the prompts' lengths: only ``--deep`` reads them for their digests.
