@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import hashlib
 import os
 import sys
 import time
@@ -45,6 +44,7 @@ from ..runtime.partial import Partial
 from ..store.sae_results import create_sae_results_store
 from ..store.validate import require_consistent
 from ..store.zarr_io import consolidate
+from ..models import file_sha256
 from ..runtime.cluster import completed, task_settings
 from .files import CFG_FILE, WEIGHTS_FILE, encode, load_sae
 from .layer import StoreLayer
@@ -82,13 +82,7 @@ def _log(msg: str):
 
 def sae_identity(directory: str, sae) -> dict:
     """What identifies an SAE: its directory, the sha256 of its two files, and its shape and architecture."""
-    digests = {}
-    for name in (CFG_FILE, WEIGHTS_FILE):
-        h = hashlib.sha256()
-        with open(os.path.join(directory, name), "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        digests[name] = h.hexdigest()
+    digests = {name: file_sha256(os.path.join(directory, name)) for name in (CFG_FILE, WEIGHTS_FILE)}
     return {"path": os.path.abspath(directory), "weights_sha256": digests[WEIGHTS_FILE],
             "cfg_sha256": digests[CFG_FILE], "architecture": sae.architecture, "d_in": sae.d_in,
             "d_sae": sae.d_sae, "k": sae.k, "hook_name": sae.cfg.get("hook_name")}

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..errors import UserError
 from .activations import LAYOUT
+from .results import VARIABLES
 from .validate import open_store, require_consistent
 from .zarr_io import describe_error
 
@@ -67,8 +68,6 @@ def _results_info(path: str, group) -> str:
     a = dict(group.attrs)
     done = group["done"][:]
     source, params = a["source"], a["parameters"]
-    from .results import VARIABLES
-
     variables = [name for name in VARIABLES if name in group]
     lines = [
         f"results store {path}",

@@ -13,7 +13,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from ..observables.heads import SPANS, STATISTICS
 from ..runtime.partial import Partial
-from .info import LAYOUT
+from .activations import LAYOUT
 from .zarr_io import consolidate, eager_labels, open_repgeo_group, quiet_zarr, write_1d
 
 KIND = "results"
