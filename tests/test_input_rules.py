@@ -8,7 +8,7 @@ import pytest
 from toolkit.errors import UserError
 from toolkit.runtime.ranks import check_world_size
 from toolkit.prompts import read_prompts
-from toolkit.store.activations import RESERVED, label_arrays
+from toolkit.store.activations import label_arrays, reserved_names
 from toolkit.summarize.tasks import group_values
 
 
@@ -25,11 +25,12 @@ def test_label_names_and_values_that_cannot_be_stored_are_refused(tmp_path, line
         read_prompts(str(path))
 
 
-@pytest.mark.parametrize("name", ["k", "n2", "group", "neighbor", "overlap", "loss"])
+@pytest.mark.parametrize("name", ["k", "n2", "group", "neighbor", "overlap", "loss", "group_n_shared", "lens_entropy",
+                                  "vocab", "decoder", "head_norm", "stat"])
 def test_labels_named_like_results_variables_are_refused_at_extract(name):
     from toolkit.extract.plan import PlannedPrompt
 
-    assert name in RESERVED
+    assert name in reserved_names()
     with pytest.raises(UserError, match="collides"):
         label_arrays([PlannedPrompt(np.arange(3), "t", {name: 1})])
 

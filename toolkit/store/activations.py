@@ -54,13 +54,15 @@ LAYOUT = {"hidden", "input_ids", "n_tokens", "token_loss", "loss", "done", "prom
           "block", "head", "flow_target", *CONTRIBUTIONS}
 #: Arrays the ranks write prompt by prompt; all others are written once, at creation, with a digest.
 PER_PROMPT = ("hidden", "token_loss", "loss", "done", *CONTRIBUTIONS)
-#: Names that labels may not take because the layout uses them.
-RESERVED = LAYOUT | {
-    "token", "dim",
-    # names of the results store, which carries every label
-    "n2", "k", "group", "neighbor", "gride_id", "gride_err", "gride_scale", "n_unique", "twonn_id", "overlap",
-    "cosine_mean", "cosine_std", "anisotropy", "nn_reciprocity", "nn_cosine", "norm_mean", "knn_index",
-    "knn_distance", "group_gride_id", "group_gride_err", "group_gride_scale", "group_anisotropy", "group_kl"}
+
+
+def reserved_names() -> set:
+    """Names labels may not take: the activation store's arrays and dims, and every name of the stores derived
+    from it (results, lens), which carry every label as a coordinate on ``prompt``."""
+    from .lens_results import NAMES as LENS_NAMES
+    from .results import NAMES as RESULTS_NAMES
+
+    return LAYOUT | {"token", "dim", "target"} | RESULTS_NAMES | LENS_NAMES
 
 
 def _compressors(dtype: str):
@@ -73,10 +75,11 @@ def label_arrays(plan_prompts: list) -> dict:
     names = []
     for p in plan_prompts:
         names.extend(k for k in p.labels if k not in names)
-    clash = sorted(set(names) & RESERVED)
+    reserved = reserved_names()
+    clash = sorted(set(names) & reserved)
     if clash:
-        raise UserError(f"label {clash[0]!r} collides with an array of the activation store; rename that field in "
-                        f"the prompt file (reserved: {', '.join(sorted(RESERVED))})")
+        raise UserError(f"label {clash[0]!r} collides with an array of the activation store or of the stores made "
+                        f"from it; rename that field in the prompt file (reserved: {', '.join(sorted(reserved))})")
     return {name: label_array([p.labels.get(name) for p in plan_prompts]) for name in names}
 
 

@@ -38,6 +38,9 @@ VARIABLES = {
     "lens_next_accuracy": (("prompt", "layer", "k"), "float64",
                            "share of positions whose next token is among the output decoder's top k"),
 }
+#: Every name of a lens store but the labels it carries: variables and coordinates.
+NAMES = set(VARIABLES) | {"input_ids", "done", "prompt", "n_tokens", "decoder", "layer", "top", "k", "vocab",
+                          "vocab_id"}
 OUTPUT_ONLY = ("lens_entropy", "lens_kl_final", "lens_next_logprob", "lens_next_rank", "lens_next_accuracy")
 
 

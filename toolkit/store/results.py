@@ -55,6 +55,11 @@ VARIABLES = {
 }
 
 
+#: Every name of a results store but the labels it carries: variables and coordinates.
+NAMES = set(VARIABLES) | {"loss", "done", "prompt", "n_tokens", "layer", "n2", "k", "neighbor", "group", "block",
+                          "head", "stat", "span"}
+
+
 def _fill(dtype: str):
     return -1 if dtype.startswith("int") else np.nan
 

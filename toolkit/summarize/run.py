@@ -16,7 +16,7 @@ from ..store.activations import open_activation_group, source_identity
 from ..store.info import LAYOUT
 from ..store.validate import require_consistent
 from ..store.zarr_io import consolidate
-from ..store.results import VARIABLES, create_results_store, open_results_group, write_prompt_results
+from ..store.results import NAMES, VARIABLES, create_results_store, open_results_group, write_prompt_results
 from .cloud import empty_prompt_results
 from .params import GROUP_OBSERVABLES, PROMPT_OBSERVABLES, SummarizeParams
 from .tasks import group_task, group_values, prompt_task, store_group_members
@@ -41,7 +41,7 @@ def check_inputs(store: str, out: str, params: SummarizeParams, resume: bool):
     source = require_consistent(store, "activations")
     labels = [name for name, _ in source.arrays() if name not in LAYOUT]
     groups = None
-    clash = sorted(set(labels) & set(VARIABLES) | set(labels) & {"n2", "k", "group", "neighbor"})
+    clash = sorted(set(labels) & NAMES)  # a store extracted before a results name existed
     if clash:
         raise UserError(f"label {clash[0]!r} of {store} collides with a results variable; re-extract with the "
                         f"label renamed")
