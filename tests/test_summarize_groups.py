@@ -133,3 +133,20 @@ def test_twenty_groups_of_real_1024_token_prompts(tmp_path, smollm2_hf, write_js
     assert ds.sizes["group"] == 20 and ds.sizes["prompt"] == 20
     assert np.isfinite(ds.group_anisotropy.values).all()
     assert np.isfinite(ds.group_kl.values[1:, 1:]).all()  # beyond layer 0, whose pools share token embeddings
+
+
+@pytest.mark.parametrize("dtype, rtol", [("float32", 1e-6), ("float16", 1e-3)])
+def test_saved_distances_equal_a_float64_brute_force(dtype, rtol, many_prompts, tmp_path, run_repgeo):
+    results = tmp_path / "distances.zarr"
+    code, _, err = run_repgeo("summarize", "--store", many_prompts.store_1rank, "--out", results, "--workers", 2,
+                              "--observables", "norm", "--save-distances", "--distance-dtype", dtype)
+    assert code == 0 and "distance matrices take up to" in err, err
+    ds = xr.open_zarr(results)
+    assert ds.distances.dtype == dtype and ds.distances.dims == ("prompt", "layer", "token", "token_b")
+    hidden = zarr.open_group(str(many_prompts.store_1rank), mode="r")["hidden"]
+    for p, layer in ((0, 0), (17, 2), (119, 4)):
+        n = int(ds.n_tokens[p])
+        X = hidden[p, layer, :n].astype(np.float64)
+        saved = ds.distances.values[p, layer]
+        np.testing.assert_allclose(saved[:n, :n].astype(np.float64), cdist(X, X), rtol=rtol, atol=rtol * 1e-2)
+        assert np.isnan(saved[n:]).all() and np.isnan(saved[:, n:]).all()

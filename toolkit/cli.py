@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--group-size", type=_at_least(3), default=2000, help="tokens pooled per group (default 2000)")
     su.add_argument("--overlap-k", type=POSITIVE, default=32, help="neighbourhood overlap for k = 1..K (default 32)")
     su.add_argument("--save-knn", action="store_true", help="keep every cloud's K nearest neighbours")
+    su.add_argument("--save-distances", action="store_true",
+                    help="keep every cloud's (token, token) Euclidean distance matrix, one chunk per (prompt, layer)")
+    su.add_argument("--distance-dtype", choices=("float16", "float32"), default="float32",
+                    help="storage dtype of --save-distances (default float32)")
     su.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the group subsampling (default 0)")
     su.add_argument("--contrib-span", type=POSITIVE, default=10,
                     help="contributions: correlations over the first and the last N tokens (default 10)")
@@ -260,6 +264,22 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--galaxy-tokens", type=_at_least(2), default=2048,
                     help="tokens whose feature activations form the activation galaxy cloud (default 2048)")
 
+    ss = sub.add_parser("subset", parents=[common],
+                        help="a new, smaller store (activations or results): chosen prompts, layers and storage dtype")
+    ss.add_argument("store", help="the source store (a path or a URL)")
+    ss.add_argument("--out", required=True, help="the new store to create (a directory)")
+    ss.add_argument("--where", help="a label expression, e.g. 'language == \"srp\" and year >= 1990' (comparisons of "
+                                    "labels with literals joined by and/or/not)")
+    ss.add_argument("--prompts", help="prompt indices: numbers and A:B ranges (B excluded), e.g. 0:100,250")
+    ss.add_argument("--layers", help="layers to keep: numbers and A:B ranges (B excluded), e.g. 1: or 0,5,10:20")
+    ss.add_argument("--dtype", choices=("float16", "bfloat16"),
+                    help="store the hidden states in a narrower dtype (never wider than the source's)")
+    ss.add_argument("--withhold-texts", action="store_true", help="keep each prompt's sha256, not its text")
+    mg = sub.add_parser("merge", parents=[common],
+                        help="one store of the prompts of several stores made with the same model and settings")
+    mg.add_argument("stores", nargs="+", help="the stores to merge, in the order their prompts are to appear")
+    mg.add_argument("--out", required=True, help="the merged store to create (a directory)")
+
     va = sub.add_parser("validate", parents=[common], help="check a store against its schema")
     va.add_argument("path")
     va.add_argument("--deep", action="store_true", help="also read every chunk (checksums, NaN padding)")
@@ -312,6 +332,18 @@ def _plot(args) -> int:
     return 0
 
 
+def _subset(args) -> int:
+    from .share.subset import run_subset
+
+    return run_subset(args)
+
+
+def _merge(args) -> int:
+    from .share.merge import run_merge
+
+    return run_merge(args)
+
+
 def _validate(args) -> int:
     from .store.validate import validate_store
 
@@ -338,7 +370,7 @@ def _sae(args) -> int:
 
 
 COMMANDS = {"extract": _extract, "summarize": _summarize, "lens": _lens, "relations": _relations, "plot": _plot,
-            "sae": _sae, "validate": _validate, "info": _info}
+            "sae": _sae, "subset": _subset, "merge": _merge, "validate": _validate, "info": _info}
 
 
 def main(argv=None) -> int:

@@ -37,6 +37,9 @@ VARIABLES = {
     "norm_mean": (("prompt", "layer"), "float64", "mean Euclidean norm (hidden-state units)"),
     "knn_index": (("prompt", "layer", "token", "neighbor"), "int32", "nearest neighbours, self excluded (-1: none)"),
     "knn_distance": (("prompt", "layer", "token", "neighbor"), "float64", "float64 Euclidean distance"),
+    "distances": (("prompt", "layer", "token", "token_b"), None,
+                  "Euclidean distance between every two tokens of the cloud (hidden-state units; NaN past n_tokens "
+                  "and at skipped positions), from float64, stored at --distance-dtype"),
     "contrib_corr": (("prompt", "block", "stat", "span"), "float64",
                      "correlation of the heads' write cosine and write norm over heads x tokens of the first / last "
                      "--contrib-span tokens"),
@@ -57,7 +60,7 @@ VARIABLES = {
 
 #: Every name of a results store but the labels it carries: variables and coordinates.
 NAMES = set(VARIABLES) | {"loss", "done", "prompt", "n_tokens", "layer", "n2", "k", "neighbor", "group", "block",
-                          "head", "stat", "span"}
+                          "head", "stat", "span", "token_b"}
 
 
 def _fill(dtype: str):
@@ -79,7 +82,7 @@ def create_results_store(path: str, *, source, params, variables: list, groups: 
 def _build_results_store(partial: str, *, source, params, variables, groups, attrs):
     n_prompts, n_layers, width, _ = source["hidden"].shape
     sizes = {"prompt": n_prompts, "layer": n_layers, "n2": len(params.n2), "k": params.overlap_k,
-             "token": width, "neighbor": params.overlap_k, "group": len(groups or []), "block": n_layers - 1,
+             "token": width, "token_b": width, "neighbor": params.overlap_k, "group": len(groups or []), "block": n_layers - 1,
              "head": source["head_norm"].shape[2] if "head_norm" in source else 0, "stat": len(STATISTICS),
              "span": len(SPANS)}
     labels = [name for name, _ in source.arrays() if name not in LAYOUT]
@@ -89,9 +92,13 @@ def _build_results_store(partial: str, *, source, params, variables, groups, att
     group.attrs.update(dict(attrs, repgeo={"kind": KIND, "schema_version": SCHEMA_VERSION}))
     for name in variables:
         dims, dtype, description = VARIABLES[name]
+        dtype = dtype or params.distance_dtype
         shape = tuple(sizes[d] for d in dims)
         attributes = {"description": description}
-        if dims[0] == "prompt":
+        if name == "distances":  # one (prompt, layer) matrix per chunk: the worker of that prompt writes it
+            chunks = (1, 1) + shape[2:]
+            attributes["coordinates"] = coords
+        elif dims[0] == "prompt":
             # knn tables are large: a chunk per prompt; the small variables: many prompts per chunk (unsharded:
             # zarr-python 3.1 mis-reads sharded arrays under mixed array/integer indexing).
             chunks = ((1,) if "token" in dims else (min(PROMPTS_PER_CHUNK, n_prompts),)) + shape[1:]

@@ -39,6 +39,8 @@ def empty_prompt_results(params, n_layers: int, width: int) -> dict:
         out["norm_mean"] = nan(L)
     if params.save_knn:
         out.update(knn_index=np.full((L, width, K), -1, dtype=np.int32), knn_distance=nan(L, width, K))
+    if params.distance_dtype:
+        out["distances"] = np.full((L, width, width), np.nan, dtype=params.distance_dtype)
     return out
 
 
@@ -73,6 +75,9 @@ def prompt_observables(layers, params, n_layers: int, width: int) -> dict:
         if n < 3:
             continue
         D2 = obs.squared_distances(X)
+        if params.distance_dtype:
+            at = slice(params.skip_tokens, params.skip_tokens + n)
+            out["distances"][layer, at, at] = np.sqrt(D2)
         if need_knn or dedup:
             # One table for everything; redone below on the distinct points only where there are duplicates.
             k = min(params.overlap_k, n - 1) if need_knn else 0

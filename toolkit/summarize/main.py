@@ -11,7 +11,8 @@ def run_summarize(args) -> int:
     ranks = start_mpi(args.scheduler)
     params = SummarizeParams(
         observables=parse_observables(args.observables, args.groupby, args.reference),
-        overlap_k=args.overlap_k, save_knn=args.save_knn, groupby=args.groupby, reference=args.reference,
+        overlap_k=args.overlap_k, save_knn=args.save_knn,
+        distance_dtype=args.distance_dtype if args.save_distances else None, groupby=args.groupby, reference=args.reference,
         group_size=args.group_size, seed=args.seed, skip_tokens=args.skip_tokens, contrib_span=args.contrib_span,
     )
     groups = check_inputs(args.store, args.out, params, args.resume)  # under MPI every rank refuses alike

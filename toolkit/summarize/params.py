@@ -37,6 +37,7 @@ class SummarizeParams:
     gride_maxk: int = 300  # neighbours used for GRIDE and TwoNN (dadapy's maxk), capped at n - 1
     anisotropy_tol: float = 1e-10
     save_knn: bool = False  # keep overlap_k nearest neighbours of every point
+    distance_dtype: str | None = None  # "float16" or "float32": keep every cloud's distance matrix
     groupby: str | None = None
     reference: str | None = None
     group_size: int = 2000  # tokens pooled per group (subsampled with seed)

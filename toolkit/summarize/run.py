@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
 import sys
 import time
 
@@ -67,11 +68,26 @@ def check_inputs(store: str, out: str, params: SummarizeParams, resume: bool):
                             f"same ones, or choose a new --out")
     if not source["done"][:].any():
         raise UserError(f"{store} has no finished prompt; complete it with repgeo extract --resume first")
+    if params.distance_dtype:
+        _distance_space(source, out, params)
     longest = int(source["n_tokens"][:].max())
     if params.skip_tokens + 3 > longest:
         raise UserError(f"--skip-tokens {params.skip_tokens} leaves fewer than 3 tokens in every prompt of {store} "
                         f"(the longest has {longest}); skip fewer")
     return groups
+
+
+def _distance_space(source, out: str, params):
+    """Print the size of --save-distances (n_tokens² per (prompt, layer)) and refuse it when the disk lacks room."""
+    n = source["n_tokens"][:].astype(np.int64) - params.skip_tokens
+    need = int((np.clip(n, 0, None) ** 2).sum()) * source["hidden"].shape[1] * np.dtype(params.distance_dtype).itemsize
+    parent = os.path.dirname(os.path.abspath(out)) or "."
+    free = shutil.disk_usage(parent).free if os.path.isdir(parent) else None
+    _log(f"summarize: the distance matrices take up to {need / 2**20:.1f} MiB at {params.distance_dtype}"
+         + (f"; {free / 2**30:.1f} GiB free in {parent}" if free is not None else ""))
+    if free is not None and need > free:
+        raise UserError(f"{parent} has {free / 2**30:.2f} GiB free but --save-distances needs up to "
+                        f"{need / 2**30:.2f} GiB; free space, use --distance-dtype float16, or choose another --out")
 
 
 def summarize(store: str, out: str, params: SummarizeParams, client, groups) -> None:
@@ -95,7 +111,7 @@ def summarize(store: str, out: str, params: SummarizeParams, client, groups) -> 
 
     t0 = time.monotonic()
     # Results are written and released one at a time: workers never keep finished ones (--save-knn is large).
-    tasks = client.map(prompt_task, [store] * len(todo), todo, params=params, pure=False)
+    tasks = client.map(prompt_task, [store] * len(todo), todo, params=params, out=os.path.abspath(out), pure=False)
     for _, (prompt, values) in completed(tasks, [1] * len(todo), _log, "summarize", "prompts"):
         # loss too: the copy made at creation lacks the prompts extracted since (a resumed partial store)
         write_prompt_results(results, prompt, dict(values, loss=source_loss[prompt]))

@@ -12,6 +12,7 @@ import numpy as np
 from ..errors import UserError
 from ..runtime.cluster import task_settings
 from ..store.activations import open_activation_group
+from ..store.results import open_results_group
 from .cloud import contribution_observables, group_observables, prompt_observables
 from .params import PROMPT_OBSERVABLES
 
@@ -32,21 +33,27 @@ def _slab(hidden, store: str, prompt: int, layer: int, start: int, stop: int) ->
     return X
 
 
-def prompt_task(store: str, prompt: int, params) -> tuple:
-    """Observables of one prompt: (prompt, name → array without the prompt dim)."""
+def prompt_task(store: str, prompt: int, params, out: str | None = None) -> tuple:
+    """Observables of one prompt: (prompt, name → array without the prompt dim).
+
+    With ``params.distance_dtype`` the prompt's distance matrices (layer, token, token_b) are written here, into
+    the results store at ``out`` (their own chunks: no other task writes them), rather than sent to the client.
+    """
     with task_settings():
         group = open_activation_group(store)
         hidden = group["hidden"]
         n = int(group["n_tokens"][prompt])
         n_layers, width = hidden.shape[1], hidden.shape[2]
-        out = {}
-        if any(params.wants(name) for name in GEOMETRY):
+        values = {}
+        if params.distance_dtype or any(params.wants(name) for name in GEOMETRY):
             slabs = (_slab(hidden, store, prompt, layer, params.skip_tokens, n) for layer in range(n_layers))
-            out.update(prompt_observables(slabs, params, n_layers, width))
+            values.update(prompt_observables(slabs, params, n_layers, width))
+            if "distances" in values:
+                open_results_group(out, "r+")["distances"][prompt] = values.pop("distances")
         if params.wants("contributions"):
-            out.update(contribution_observables(group["head_cosine"][prompt, :, :, :n],
-                                                group["head_norm"][prompt, :, :, :n], params))
-        return prompt, out
+            values.update(contribution_observables(group["head_cosine"][prompt, :, :, :n],
+                                                   group["head_norm"][prompt, :, :, :n], params))
+        return prompt, values
 
 
 def group_values(labels: np.ndarray) -> list:
