@@ -382,6 +382,9 @@ def main(argv=None) -> int:
     command = " ".join(filter(None, (args.command, getattr(args, "sae_command", None),
                                      getattr(args, "relations_command", None))))
     try:
+        if "://" in str(getattr(args, "out", "")):  # before any work: a job's output is never written to a URL
+            raise UserError(f"--out {args.out} is a URL: stores are read through URLs, never written; give a local "
+                            f"path")
         return COMMANDS[args.command](args)
     except UserError as e:
         if _is_mpi_root():

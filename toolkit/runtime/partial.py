@@ -96,6 +96,9 @@ class Partial:
 
     def __init__(self, final: str, job: str, option: str = "--out"):
         final = os.fspath(final)
+        if "://" in final:
+            raise UserError(f"{option} {final} is a URL: stores are read through URLs, never written; give a local "
+                            f"path")
         if not final.strip() or os.path.basename(os.path.abspath(final)) in ("", ".", ".."):
             raise UserError(f"{option} {final!r} does not name a new directory; give a path such as runs/out.zarr")
         self.final, self.job, self.option = final, job, option

@@ -28,8 +28,8 @@ from zarr.codecs import BloscCodec
 
 from ..errors import UserError
 from ..runtime.partial import Partial
-from .zarr_io import (CHECKSUM, array_digest, consolidate, eager_labels, label_array, open_repgeo_group, quiet_zarr,
-                      write_1d)
+from .zarr_io import (CHECKSUM, array_digest, consolidate, eager_labels, is_url, label_array, open_repgeo_group,
+                      quiet_zarr, write_1d)
 
 KIND = "activations"
 SCHEMA_VERSION = "1.0"
@@ -193,7 +193,7 @@ def open_activation_group(path: str, mode: str = "r") -> zarr.Group:
 def source_identity(path: str, group: zarr.Group) -> dict:
     """What identifies an activation store (``group``, opened from ``path``) that a derived store was computed from."""
     a = dict(group.attrs)
-    return {"path": os.path.abspath(path), "created": a["created"], "model": a["model"]["id"],
+    return {"path": path if is_url(path) else os.path.abspath(path), "created": a["created"], "model": a["model"]["id"],
             "weights_sha256": a["model"].get("weights_sha256"), "prompts_sha256": a["prompts"]["sha256"],
             "settings": a["settings"], "dtype": a["dtype"], "n_prompts": int(group["hidden"].shape[0])}
 

@@ -10,11 +10,13 @@ from ..errors import UserError
 from .activations import LAYOUT
 from .results import VARIABLES
 from .validate import open_store, require_consistent
-from .zarr_io import describe_error
+from .zarr_io import describe_error, is_url
 
 
-def disk_usage(path: str) -> int:
-    """Bytes of all files below ``path``."""
+def disk_usage(path: str) -> int | None:
+    """Bytes of all files below ``path``; None for a remote store (not measured: it would list every object)."""
+    if is_url(path):
+        return None
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
@@ -32,6 +34,25 @@ def store_info(path: str) -> str:
     group = require_consistent(path, kind)  # what follows reads attributes of the types the schema pins
     return {"activations": _activations_info, "results": _results_info, "sae_cooccurrence": _sae_cooccurrence_info,
             "lens": _lens_info}[kind](path, group)
+
+
+def _size(path: str) -> str:
+    size = disk_usage(path)
+    return "remote (not measured)" if size is None else f"{size / 2**20:.1f} MiB on disk"
+
+
+def _elsewhere(model: dict, prompts: dict) -> list:
+    """Lines naming the recorded paths (the model's files, the prompt file) that do not exist on this machine."""
+    from ..models import ALIASES
+
+    lines = []
+    if model["id"] not in ALIASES and model.get("location") and not os.path.exists(model["location"]):
+        lines.append(f"  elsewhere  the model's files {model['location']} are not on this machine: give them with "
+                     f"--model PATH where a command needs the model (checked by the recorded sha256)")
+    if prompts.get("path") and not os.path.exists(prompts["path"]):
+        lines.append(f"  elsewhere  the prompt file {prompts['path']} is not on this machine (its sha256 is "
+                     f"recorded: {prompts['sha256'][:12]}…)")
+    return lines
 
 
 def _activations_info(path: str, group) -> str:
@@ -54,8 +75,9 @@ def _activations_info(path: str, group) -> str:
     labels = [name for name, _ in group.arrays() if name not in LAYOUT]
     for name in labels:
         lines.append(f"  label      {name}: {_label_summary(group[name][:])}")
+    lines += _elsewhere(model, prompts)
     lines += [
-        f"  size       {size / 2**20:.1f} MiB on disk, {size / max(values, 1):.2f} bytes per stored value",
+        f"  size       {_size(path)}" + (f", {size / max(values, 1):.2f} bytes per stored value" if size else ""),
         f"  complete   {int(done.sum())}/{n_prompts} prompts done" + ("" if done.all() else
                                                                       " (rerun extract with --resume to finish)"),
         f"  created    {a['created']} by repgeo {a['toolkit_version']}, {len(a.get('runs', []))} run(s), "
@@ -74,7 +96,7 @@ def _results_info(path: str, group) -> str:
         f"  source     {source['path']} ({source['model']}, {source['n_prompts']} prompts)",
         f"  variables  {', '.join(variables)}",
         "  parameters " + ", ".join(f"{k}={v}" for k, v in params.items()),
-        f"  size       {disk_usage(path) / 2**20:.1f} MiB on disk",
+        f"  size       {_size(path)}",
         f"  complete   {int(done.sum())}/{len(done)} prompts done"
         + ("" if done.all() else " (rerun summarize with --resume to finish)")
         + (f", groups {'done' if a.get('groups_done') else 'not done'}" if params.get("groupby") else ""),
@@ -92,7 +114,7 @@ def _lens_info(path: str, group) -> str:
         f"  source     {source['path']} ({source['model']}, {source['n_prompts']} prompts)",
         f"  readings   decoders {', '.join(params['decoders'])}; top {params['top_k']}; {len(layers)} layers "
         f"({layers[0]}…{layers[-1]}); vocabulary {group['vocab'].shape[0]} tokens",
-        f"  size       {disk_usage(path) / 2**20:.1f} MiB on disk",
+        f"  size       {_size(path)}",
         f"  complete   {int(done.sum())}/{len(done)} prompts done"
         + ("" if done.all() else " (rerun lens with --resume to finish)"),
         f"  created    {a['created']} by repgeo {a['toolkit_version']}",
@@ -117,7 +139,7 @@ def _sae_cooccurrence_info(path: str, group) -> str:
         f"  blocks     {int(group['n_blocks'][...])} of {params['block']} tokens; {occurring} features occur at "
         f"least once (threshold {params['threshold']})",
         "  parameters " + ", ".join(f"{k}={v}" for k, v in params.items()),
-        f"  size       {disk_usage(path) / 2**20:.1f} MiB on disk",
+        f"  size       {_size(path)}",
         f"  created    {a['created']} by repgeo {a['toolkit_version']}",
     ]
     return "\n".join(lines)

@@ -53,9 +53,34 @@ class UnreadableGroup(UserError):
     """A Zarr store whose root zarr.json cannot be read: ``repgeo validate`` reports it as damaged, jobs refuse it."""
 
 
+def is_url(path) -> bool:
+    """Whether ``path`` names a remote store (http://, https://, s3://, … read through fsspec) rather than a file."""
+    return "://" in str(path)
+
+
+def _open_url(url: str, wanted: str, mode: str) -> zarr.Group:
+    """A remote store, read-only, through zarr's fsspec store (byte ranges: nothing is downloaded whole)."""
+    if mode != "r":
+        raise UserError(f"{url} is a URL: stores are read through URLs, never written; copy it to a local path to "
+                        f"change it")
+    try:
+        return zarr.open_group(url, mode="r", zarr_format=3)
+    except ImportError as e:  # the fsspec backend of this protocol is not installed
+        raise UserError(f"cannot read {url}: {describe_error(e)}; install the fsspec backend of its protocol (e.g. "
+                        f"pip install s3fs for s3://)") from None
+    except (FileNotFoundError, zarr.errors.NodeNotFoundError):
+        raise UserError(f"{url} holds no Zarr v3 group (no zarr.json there); give the URL of a {wanted}") from None
+    except Exception as e:  # a server that answers badly, or broken metadata
+        raise UnreadableGroup(f"{url} is not a readable Zarr v3 group ({describe_error(e)}); check the URL and that "
+                              f"the server answers range requests") from None
+
+
 def open_zarr_group(path: str, wanted: str, mode: str = "r") -> zarr.Group:
-    """Open the Zarr v3 group at ``path``, or raise :class:`UserError` naming ``wanted`` (e.g. "repgeo store")."""
+    """Open the Zarr v3 group at ``path`` (a directory or a URL), or raise :class:`UserError` naming ``wanted``
+    (e.g. "repgeo store")."""
     quiet_zarr()
+    if is_url(path):
+        return _open_url(path, wanted, mode)
     if not os.path.exists(path):
         raise UserError(f"{path} does not exist; give the path of a {wanted}")
     if not os.path.isfile(os.path.join(path, "zarr.json")):
