@@ -209,12 +209,16 @@ def _activation_layout(description: dict) -> list:
     return problems
 
 
+def _source_prompts(arrays: dict, attrs: dict) -> list:
+    """A store derived from an activation store has as many prompts as its recorded source."""
+    if attrs["source"]["n_prompts"] != arrays["prompt"]["shape"][0]:
+        return [f"the store has {arrays['prompt']['shape'][0]} prompts, its source {attrs['source']['n_prompts']}"]
+    return []
+
+
 def _results_layout(description: dict) -> list:
     arrays, attrs = description["arrays"], description["attributes"]
-    params, problems = attrs["parameters"], []
-    if attrs["source"]["n_prompts"] != arrays["prompt"]["shape"][0]:
-        problems.append(f"the store has {arrays['prompt']['shape'][0]} prompts, its source "
-                        f"{attrs['source']['n_prompts']}")
+    params, problems = attrs["parameters"], _source_prompts(arrays, attrs)
     if arrays["k"]["shape"] != [params["overlap_k"]]:
         problems.append(f"k has {arrays['k']['shape'][0]} values, but overlap_k is {params['overlap_k']}")
     if params["save_knn"] != ("knn_index" in arrays and "knn_distance" in arrays):
@@ -225,10 +229,7 @@ def _results_layout(description: dict) -> list:
 
 def _lens_layout(description: dict) -> list:
     arrays, attrs = description["arrays"], description["attributes"]
-    params, problems = attrs["parameters"], []
-    if attrs["source"]["n_prompts"] != arrays["prompt"]["shape"][0]:
-        problems.append(f"the store has {arrays['prompt']['shape'][0]} prompts, its source "
-                        f"{attrs['source']['n_prompts']}")
+    params, problems = attrs["parameters"], _source_prompts(arrays, attrs)
     expected = {"decoder": len(params["decoders"]), "layer": len(params["layers"]), "top": params["top_k"],
                 "k": len(params["ks"])}
     problems += [f"{name} has {arrays[name]['shape'][0]} values, but the parameters say {size}"
