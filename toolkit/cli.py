@@ -227,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "store's first flow target of the prompt)")
     pl.add_argument("--min-weight", type=_finite(0, strict=False),
                     help="contributions: links lighter than this importance are not drawn (default 0.01)")
+    pl.add_argument("--model", help="contributions: the model's files when they moved since extraction (checked by "
+                                    "sha256)")
     pl.add_argument("--tokens", help="lens: the token positions A:B of the grid (B excluded; default: the first 40)")
     pl.add_argument("--layers", help="layers to draw: numbers and A:B ranges (B excluded), e.g. 1: or 0,5,10:20 "
                                      "(default: all)")
@@ -326,7 +328,7 @@ def _plot(args) -> int:
     from .plot import plot_store
 
     options = {name: getattr(args, name) for name in ("groupby", "n2", "k", "layers", "prompt", "tokens", "target",
-                                                      "min_weight")}
+                                                      "min_weight", "model")}
     for path in plot_store(args.results, args.out, **{k: v for k, v in options.items() if v is not None}):
         print(path)
     return 0

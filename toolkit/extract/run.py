@@ -102,6 +102,10 @@ def _identity(attrs: dict) -> dict:
 
 def _check_resumable(out: str, attrs: dict):
     group = require_consistent(out, "activations")  # a done prompt whose data went missing would stay missing
+    made_by = [job for job in ("subset", "merge") if job in group.attrs]
+    if made_by:  # its prompts are not the prompt file's: extract would write them at the wrong places
+        raise UserError(f"{out} was made by repgeo {made_by[0]} and holds only done prompts: it cannot be resumed; "
+                        f"resume the store it came from, or choose a new --out")
     old, new = _identity(dict(group.attrs)), _identity(attrs)
     differ = [k for k in new if old[k] != new[k]]
     if differ:

@@ -20,6 +20,7 @@ catches a text, label, length or token id changed afterwards, even one changed c
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
@@ -103,11 +104,35 @@ def create_activation_store(path: str, plan, *, n_layers: int, d_model: int, dty
 
 
 def _build_activation_store(partial: str, plan, *, n_layers, d_model, dtype, attrs, withhold_texts, contributions):
-    n_prompts = len(plan.prompts)
-    n_tokens = plan.n_tokens
+    build_activation_store(partial, input_ids=[p.input_ids for p in plan.prompts],
+                           texts=prompt_texts([p.text for p in plan.prompts], withhold_texts),
+                           labels=label_arrays(plan.prompts), layers=np.arange(n_layers, dtype=np.int64),
+                           d_model=d_model, dtype=dtype, attrs=attrs, contributions=contributions)
+
+
+def prompt_texts(texts: list, withhold: bool) -> dict:
+    """The store's texts over prompts: {"text": (prompt,) strings}, or {"text_sha256": their sha256} when withheld."""
+    if withhold:
+        return {"text_sha256": np.array([hashlib.sha256(t.encode()).hexdigest() for t in texts], dtype=object)}
+    return {"text": np.array(texts, dtype=object)}
+
+
+def build_activation_store(partial: str, *, input_ids: list, texts: dict, labels: dict, layers: np.ndarray,
+                           d_model: int, dtype: str, attrs: dict, contributions: dict | None):
+    """Create an activation store with no prompt done in the new directory ``partial`` (of a
+    :class:`~toolkit.runtime.partial.Partial`), from arrays: what extract derives from its plan, and what
+    ``repgeo subset`` and ``merge`` copy from their sources.
+
+    input_ids: one (token,) int array per prompt (their lengths are ``n_tokens``; the token dim is the longest);
+    texts: as :func:`prompt_texts` gives; labels: name → (prompt,) array, in the order of the ``coordinates``
+    attribute; layers: the model's layer numbers the store holds, the ``layer`` coordinate (0 … n_layers for
+    extract; fewer in a subset, then without contributions); contributions: as for :func:`create_activation_store`.
+    """
+    n_prompts = len(input_ids)
+    n_tokens = np.array([len(row) for row in input_ids], dtype=np.int32)
+    n_layers = len(layers)
     width = int(n_tokens.max())
-    labels = label_arrays(plan.prompts)
-    coords = " ".join(["n_tokens", *(["text_sha256"] if withhold_texts else ["text"]), *labels])
+    coords = " ".join(["n_tokens", *texts, *labels])
 
     group = zarr.create_group(partial, zarr_format=3)
     group.attrs.update(dict(attrs, repgeo={"kind": KIND, "schema_version": SCHEMA_VERSION}))
@@ -120,8 +145,8 @@ def _build_activation_store(partial: str, plan, *, n_layers, d_model, dtype, att
                                    "hidden_states); NaN past n_tokens"},
     )
     ids = np.full((n_prompts, width), -1, dtype=np.int32)
-    for i, p in enumerate(plan.prompts):
-        ids[i, : len(p.input_ids)] = p.input_ids
+    for i, row in enumerate(input_ids):
+        ids[i, : len(row)] = row
     group.create_array("input_ids", shape=ids.shape, chunks=(min(n_prompts, 256), width), dtype="int32",
                        fill_value=-1, dimension_names=["prompt", "token"], compressors=_compressors("float32"),
                        attributes={"description": "token ids; -1 past n_tokens"})[...] = ids
@@ -136,18 +161,10 @@ def _build_activation_store(partial: str, plan, *, n_layers, d_model, dtype, att
     group.create_array("done", shape=(n_prompts,), chunks=(1,), dtype="bool", fill_value=False,
                        dimension_names=["prompt"], compressors=[CHECKSUM],
                        attributes={"description": "true once the prompt's data is completely written"})
-    layers = np.arange(n_layers, dtype=np.int64)
     write_1d(group, "layer", layers, "layer", {"description": "0 = embeddings, i = output of block i"})
     written_once = {}
     if contributions:
         written_once = _contribution_arrays(group, contributions, n_prompts, n_layers, width, coords)
-    if withhold_texts:
-        import hashlib
-
-        texts = {"text_sha256": np.array([hashlib.sha256(p.text.encode()).hexdigest() for p in plan.prompts],
-                                         dtype=object)}
-    else:
-        texts = {"text": np.array([p.text for p in plan.prompts], dtype=object)}
     on_prompt = {"n_tokens": n_tokens, "prompt": np.arange(n_prompts, dtype=np.int64), **texts, **labels}
     for name, values in on_prompt.items():
         write_1d(group, name, values, "prompt")

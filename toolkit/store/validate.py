@@ -194,8 +194,15 @@ def _activation_layout(description: dict) -> list:
         if arrays[name]["chunks"][1] != width:
             problems.append(f"{name} has chunks of {arrays[name]['chunks'][1]} tokens, not all {width}")
     model = attrs["model"]
-    if model["n_layers"] + 1 != n_layers:
+    held = attrs.get("layers")  # a layer subset (repgeo subset --layers) names the layers it holds
+    if held is None and model["n_layers"] + 1 != n_layers:
         problems.append(f"hidden has {n_layers} layers, but the model has {model['n_layers']} blocks + embeddings")
+    if held is not None and (len(held) != n_layers or held != sorted(set(held)) or held[-1] > model["n_layers"]):
+        problems.append(f"the layers attribute {held} does not name hidden's {n_layers} layers, increasing, among "
+                        f"the model's 0..{model['n_layers']}")
+    if held is not None and "block" in arrays:
+        problems.append("the store holds only some layers (layers attribute) but contribution arrays, which need "
+                        "every layer")
     if model["d_model"] != d_model:
         problems.append(f"hidden has {d_model} along dim, but the model's d_model is {model['d_model']}")
     if hidden["data_type"] != STORED_DTYPES[attrs["dtype"]]:
@@ -209,16 +216,12 @@ def _activation_layout(description: dict) -> list:
     return problems
 
 
-def _source_prompts(arrays: dict, attrs: dict) -> list:
-    """A store derived from an activation store has as many prompts as its recorded source."""
-    if attrs["source"]["n_prompts"] != arrays["prompt"]["shape"][0]:
-        return [f"the store has {arrays['prompt']['shape'][0]} prompts, its source {attrs['source']['n_prompts']}"]
-    return []
-
-
 def _results_layout(description: dict) -> list:
     arrays, attrs = description["arrays"], description["attributes"]
-    params, problems = attrs["parameters"], _source_prompts(arrays, attrs)
+    params, problems = attrs["parameters"], []
+    if attrs["source"]["n_prompts"] != arrays["prompt"]["shape"][0]:
+        problems.append(f"the store has {arrays['prompt']['shape'][0]} prompts, its source "
+                        f"{attrs['source']['n_prompts']}")
     if arrays["k"]["shape"] != [params["overlap_k"]]:
         problems.append(f"k has {arrays['k']['shape'][0]} values, but overlap_k is {params['overlap_k']}")
     if params["save_knn"] != ("knn_index" in arrays and "knn_distance" in arrays):
@@ -229,7 +232,10 @@ def _results_layout(description: dict) -> list:
 
 def _lens_layout(description: dict) -> list:
     arrays, attrs = description["arrays"], description["attributes"]
-    params, problems = attrs["parameters"], _source_prompts(arrays, attrs)
+    params, problems = attrs["parameters"], []
+    if attrs["source"]["n_prompts"] != arrays["prompt"]["shape"][0]:
+        problems.append(f"the store has {arrays['prompt']['shape'][0]} prompts, its source "
+                        f"{attrs['source']['n_prompts']}")
     expected = {"decoder": len(params["decoders"]), "layer": len(params["layers"]), "top": params["top_k"],
                 "k": len(params["ks"])}
     problems += [f"{name} has {arrays[name]['shape'][0]} values, but the parameters say {size}"
@@ -288,10 +294,24 @@ def _activation_data(group: zarr.Group, digests, deep: bool) -> list:
     if outside.any():
         problems.append(f"n_tokens must lie in 1..{width}, but not at prompts {_prompts(np.flatnonzero(outside))}")
     problems += _written_once(group, digests, deep)
+    problems += _layer_problems(group)
     problems += _missing_chunks(group, done, n_tokens)
     if deep and not problems:
         problems += _activation_chunks(group, n_tokens, done)
     return problems
+
+
+def _layer_problems(group: zarr.Group) -> list:
+    """The ``layer`` coordinate holds the layer numbers the store has: all the model's, or those its ``layers``
+    attribute names."""
+    try:
+        layers = group["layer"][...]
+    except Exception as e:
+        return [f"layer is unreadable ({describe_error(e)})"]
+    held = group.attrs.get("layers", list(range(len(layers))))
+    if layers.tolist() != held:
+        return [f"layer holds {layers.tolist()[:LISTED]}, but the store's layers are {held[:LISTED]}"]
+    return []
 
 
 def _written_once(group: zarr.Group, digests, deep: bool) -> list:
