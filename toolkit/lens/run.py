@@ -16,7 +16,7 @@ from ..errors import UserError
 from ..models import load_model, load_tokenizer, model_of_store
 from ..runtime.cluster import completed, run_with_client, start_mpi
 from ..runtime.layers import parse_layers
-from ..store.activations import open_activation_group, source_identity
+from ..store.activations import layer_position, open_activation_group, source_identity
 from ..store.lens_results import DECODERS, create_lens_store, open_lens_group, write_prompt_lens
 from ..store.validate import require_consistent
 from ..store.zarr_io import consolidate
@@ -59,9 +59,11 @@ def parse_decoders(text: str) -> tuple:
 def check_inputs(args):
     """Everything refused before work starts: (params, model reference)."""
     source = require_consistent(args.store, "activations")
-    n_layers, vocab = source["hidden"].shape[1], source.attrs["model"]["vocab_size"]
-    params = LensParams(decoders=parse_decoders(args.decoders), top_k=args.top_k,
-                        layers=tuple(parse_layers(args.layers, n_layers)))
+    final, vocab = source.attrs["model"]["n_layers"], source.attrs["model"]["vocab_size"]
+    layers = tuple(parse_layers(args.layers, final + 1))
+    for layer in (*layers, final):  # the final layer's distribution is what lens_kl_final compares with
+        layer_position(source, layer, args.store, "--layers" if layer in layers else "the final layer")
+    params = LensParams(decoders=parse_decoders(args.decoders), top_k=args.top_k, layers=layers)
     if params.top_k > vocab:
         raise UserError(f"--top-k {params.top_k} exceeds the vocabulary ({vocab} tokens)")
     if not source["done"][:].any():

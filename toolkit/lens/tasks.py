@@ -6,7 +6,7 @@ import numpy as np
 
 from ..observables import lens as lens_math
 from ..runtime.cluster import task_settings
-from ..store.activations import open_activation_group
+from ..store.activations import open_activation_group, read_done_slab
 from .weights import load_lens_weights
 
 #: Entries of one (token, vocab) float32 matrix: 64 MiB. A block holds three such (logits of this layer, the
@@ -44,14 +44,15 @@ def lens_task(store: str, prompt: int, weights: str, token: str, params, device:
     with task_settings(), torch.inference_mode():
         torch.set_num_threads(1)
         group = open_activation_group(store)
-        hidden = group["hidden"]
-        final = hidden.shape[1] - 1
+        final = group.attrs["model"]["n_layers"]  # layer numbers; a subset store holds some, at other positions
+        held = group["layer"][:].tolist()
         n = int(group["n_tokens"][prompt])
         ids = group["input_ids"][prompt, :n].astype(np.int64)
         next_ids = np.append(ids[1:], -1)
         device = worker_device(device)
         parts = load_lens_weights(weights, token, device)
-        slabs = {layer: _slab(hidden, store, prompt, layer, n) for layer in {*params.layers, final}}
+        slabs = {layer: read_done_slab(group, store, prompt, held.index(layer), 0, n)
+                 for layer in {*params.layers, final}}
         out = _empty(params, n)
         step = block_tokens(parts.unembedding.shape[0])
         output = "output" in params.decoders
@@ -81,16 +82,6 @@ def lens_task(store: str, prompt: int, weights: str, token: str, params, device:
             out["lens_next_accuracy"] = np.stack([lens_math.top_k_accuracy(ranks, params.ks)
                                                   for ranks in out["lens_next_rank"]])
         return prompt, out
-
-
-def _slab(hidden, store: str, prompt: int, layer: int, n: int) -> np.ndarray:
-    from ..errors import UserError
-
-    X = np.ascontiguousarray(hidden[prompt, layer, :n], dtype=np.float32)
-    if not np.isfinite(X).all():
-        raise UserError(f"{store}: prompt {prompt} is marked done but its hidden states at layer {layer} are missing "
-                        f"or not finite; run repgeo validate {store} and re-extract that store")
-    return X
 
 
 def _empty(params, n: int) -> dict:

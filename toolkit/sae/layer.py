@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UserError
-from ..store.activations import open_activation_group
+from ..store.activations import layer_position, open_activation_group
 
 
 def sae_hook_name(layer: int) -> str:
@@ -25,10 +25,8 @@ class StoreLayer:
         self.group = open_activation_group(path)
         hidden = self.group["hidden"]
         self.n_layers, self.d_model = hidden.shape[1], hidden.shape[3]
-        if not 0 <= layer < self.n_layers:
-            raise UserError(f"layer {layer} is out of range: {path} has layers 0..{self.n_layers - 1} "
-                            f"(0 = embeddings); pass --layer in that range")
         self.layer = layer
+        self.position = layer_position(self.group, layer, path)  # along hidden's layer dim
         self.special_ids = np.asarray(self.group.attrs.get("special_token_ids", []), dtype=np.int64)
         self.n_tokens = self.group["n_tokens"][:].astype(np.int64)
         self.prompts = np.flatnonzero(self.group["done"][:])
@@ -39,6 +37,6 @@ class StoreLayer:
         """(vectors, special): the prompt's (n_tokens, d_model) float32 vectors at the layer, and a (n_tokens,)
         bool mask, True at tokens whose id is a special id."""
         n = int(self.n_tokens[prompt])
-        vectors = np.asarray(self.group["hidden"][prompt, self.layer, :n], dtype=np.float32)
+        vectors = np.asarray(self.group["hidden"][prompt, self.position, :n], dtype=np.float32)
         special = np.isin(self.group["input_ids"][prompt, :n], self.special_ids)
         return vectors, special

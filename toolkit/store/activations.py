@@ -197,6 +197,31 @@ def _contribution_arrays(group, spec: dict, n_prompts: int, n_layers: int, width
     return {"flow_target": positions, "block": blocks, "head": heads}
 
 
+def layer_position(group: zarr.Group, layer: int, path: str, option: str = "--layer") -> int:
+    """Where the model's layer number ``layer`` sits along ``hidden``'s layer dim (a subset store holds only some
+    layers; its ``layer`` coordinate names them); UserError naming the layers held when it is not there."""
+    held = group["layer"][:].tolist()
+    if layer not in held:
+        shown = f"{held[0]}..{held[-1]}" if held == list(range(held[0], held[-1] + 1)) else ", ".join(map(str, held))
+        raise UserError(f"{option} {layer} is out of range: {path} holds layers {shown} (0 = embeddings); choose one "
+                        f"of them")
+    return held.index(layer)
+
+
+def read_done_slab(group: zarr.Group, path: str, prompt: int, position: int, start: int, stop: int) -> np.ndarray:
+    """hidden[prompt, position, start:stop] as float32 (token, dim), refused when it is not all finite.
+
+    A prompt marked done always has finite values within n_tokens; NaN there means a chunk is missing or was
+    overwritten, and computing on it would store NaN (or garbage) as if it were a result.
+    """
+    X = np.asarray(group["hidden"][prompt, position, start:stop], dtype=np.float32)
+    if not np.isfinite(X).all():
+        layer = int(group["layer"][position])
+        raise UserError(f"{path}: prompt {prompt} is marked done but its hidden states at layer {layer} are missing "
+                        f"or not finite; run repgeo validate {path} and re-extract that store")
+    return X
+
+
 def open_activation_group(path: str, mode: str = "r") -> zarr.Group:
     """The store's Zarr group, after checking that it is a repgeo activation store of a known schema version."""
     group = open_repgeo_group(path, KIND, mode)

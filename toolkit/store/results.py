@@ -117,7 +117,7 @@ def _build_results_store(partial: str, *, source, params, variables, groups, att
                        attributes={"description": "true once the prompt's variables are written"})
     for name in ["prompt", "n_tokens", *labels]:
         write_1d(group, name, source[name][:], "prompt")
-    write_1d(group, "layer", np.arange(n_layers, dtype=np.int64), "layer")
+    write_1d(group, "layer", source["layer"][:], "layer")  # the model's layer numbers (a subset holds some)
     write_1d(group, "n2", params.n2, "n2", {"description": "GRIDE neighbour rank n2 (n1 = n2/2)"})
     write_1d(group, "k", params.ks, "k", {"description": "neighbourhood size of the overlap"})
     if params.save_knn:

@@ -9,28 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import UserError
 from ..runtime.cluster import task_settings
-from ..store.activations import open_activation_group
+from ..store.activations import open_activation_group, read_done_slab
 from ..store.results import open_results_group
 from .cloud import contribution_observables, group_observables, prompt_observables
 from .params import PROMPT_OBSERVABLES
 
 #: The observables computed from the hidden states' point clouds.
 GEOMETRY = [name for name in PROMPT_OBSERVABLES if name != "contributions"]
-
-
-def _slab(hidden, store: str, prompt: int, layer: int, start: int, stop: int) -> np.ndarray:
-    """Positions start … stop-1 of one (prompt, layer) slab: (token, dim); refuses data that is not there.
-
-    A prompt marked done always has finite values within n_tokens; NaN there means a chunk is missing or was
-    overwritten, and computing on it would store NaN as if it were a result.
-    """
-    X = hidden[prompt, layer, start:stop]
-    if not np.isfinite(X).all():
-        raise UserError(f"{store}: prompt {prompt} is marked done but its hidden states at layer {layer} are missing "
-                        f"or not finite; run repgeo validate {store} and re-extract that store")
-    return X
 
 
 def prompt_task(store: str, prompt: int, params, out: str | None = None) -> tuple:
@@ -46,7 +32,7 @@ def prompt_task(store: str, prompt: int, params, out: str | None = None) -> tupl
         n_layers, width = hidden.shape[1], hidden.shape[2]
         values = {}
         if params.distance_dtype or any(params.wants(name) for name in GEOMETRY):
-            slabs = (_slab(hidden, store, prompt, layer, params.skip_tokens, n) for layer in range(n_layers))
+            slabs = (read_done_slab(group, store, prompt, layer, params.skip_tokens, n) for layer in range(n_layers))
             values.update(prompt_observables(slabs, params, n_layers, width))
             if "distances" in values:
                 open_results_group(out, "r+")["distances"][prompt] = values.pop("distances")
@@ -100,6 +86,6 @@ def group_task(store: str, layer: int, params) -> tuple:
             rows = []
             for p in np.unique(pairs[:, 0]):
                 tokens = pairs[pairs[:, 0] == p, 1]
-                rows.append(_slab(hidden, store, int(p), layer, 0, int(tokens.max()) + 1)[tokens])
+                rows.append(read_done_slab(source, store, int(p), layer, 0, int(tokens.max()) + 1)[tokens])
             pools[value] = np.concatenate(rows) if rows else np.empty((0, hidden.shape[3]), hidden.dtype)
         return layer, group_observables(pools, params)
