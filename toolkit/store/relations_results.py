@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from .zarr_io import consolidate, eager_labels, open_repgeo_group, quiet_zarr, write_1d
+from .zarr_io import consolidate, eager_labels, quiet_zarr, write_1d
 
 KIND = "relations"
 MARKOV_KIND = "markov"
@@ -54,7 +54,8 @@ RELATIONS_VARIABLES = {
     "parallelogram_cosine": (_E + ("relation",), "float64",
                              "mean cosine between difference vectors (object - subject) of two pairs of the relation"),
     "parallelogram_cosine_other": (_E + ("relation",), "float64",
-                                   "mean cosine between the relation's difference vectors and those of other relations"),
+                                   "mean cosine between the relation's difference vectors and those of other "
+                                   "relations"),
     "hidden_parallelogram_cosine": (_H + ("relation",), "float64", "parallelogram_cosine in the hidden space"),
     "hidden_parallelogram_cosine_other": (_H + ("relation",), "float64",
                                           "parallelogram_cosine_other in the hidden space"),
@@ -138,10 +139,6 @@ def write_store(directory: str, kind: str, coords: dict, values: dict, attrs: di
     for name, (dim, value, coord_attrs) in coords.items():
         write_1d(group, name, np.asarray(value), dim, coord_attrs)
     consolidate(directory)
-
-
-def open_relations_group(path: str, kind: str = KIND) -> zarr.Group:
-    return open_repgeo_group(path, kind)
 
 
 def open_relations_results(path: str):
