@@ -587,3 +587,20 @@ def test_a_store_of_another_tokenizer_is_refused(tmp_path, tiny_word_level_model
                                  many_prompts.store_1rank, "--out", tmp_path / "m.zarr"], capsys)
     assert code == 2 and "tokenized by another tokenizer" in line
     assert os.listdir(tmp_path) == []
+
+
+def test_validate_and_info_know_relations_and_markov_stores(tiny_case, markov_case, run_repgeo):
+    import shutil
+
+    import zarr
+
+    for out, kind in ((tiny_case[1], "relations"), (markov_case[2], "markov")):
+        code, stdout, err = run_repgeo("validate", "--deep", out)
+        assert (code, stdout.strip()) == (0, f"{out}: valid"), stdout + err
+        code, stdout, err = run_repgeo("info", out)
+        assert code == 0 and stdout.startswith(f"{kind} store {out}"), err
+    damaged = markov_case[0] / "damaged.zarr"
+    shutil.copytree(markov_case[2], damaged)
+    zarr.open_group(str(damaged), mode="r+").attrs["parameters"] = "top 40"  # a hand edit of the wrong type
+    code, stdout, _ = run_repgeo("validate", damaged)
+    assert code == 1 and "parameters" in stdout

@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--out", required=True, help="the Markov results store to create (a directory)")
     mk.add_argument("--top", type=POSITIVE, default=1000, help="the N most frequent tokens checked (default 1000)")
     mk.add_argument("--min-count", type=POSITIVE, default=20,
-                    help="occurrences a token needs for KL(bigram ‖ model) (default 20)")
+                    help="times a token must be followed by another for KL(bigram ‖ model) (default 20)")
     mk.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: a GPU if present")
 
     pl = sub.add_parser("plot", parents=[common],

@@ -33,7 +33,7 @@ def store_info(path: str) -> str:
     kind = open_store(path)[1]
     group = require_consistent(path, kind)  # what follows reads attributes of the types the schema pins
     return {"activations": _activations_info, "results": _results_info, "sae_cooccurrence": _sae_cooccurrence_info,
-            "lens": _lens_info}[kind](path, group)
+            "lens": _lens_info, "relations": _relations_info, "markov": _relations_info}[kind](path, group)
 
 
 def _size(path: str) -> str:
@@ -117,6 +117,24 @@ def _lens_info(path: str, group) -> str:
         f"  size       {_size(path)}",
         f"  complete   {int(done.sum())}/{len(done)} prompts done"
         + ("" if done.all() else " (rerun lens with --resume to finish)"),
+        f"  created    {a['created']} by repgeo {a['toolkit_version']}",
+    ]
+    return "\n".join(lines)
+
+
+def _relations_info(path: str, group) -> str:
+    a = dict(group.attrs)
+    kind = a["repgeo"]["kind"]
+    source = a.get("pairs") or a.get("corpus", {})
+    sizes = ", ".join(f"{name} {array.shape[0]}" for name, array in group.arrays()
+                      if array.metadata.dimension_names == (name,))
+    lines = [
+        f"{kind} store {path}",
+        f"  model      {a['model'].get('id')} (weights sha256 {str(a['model'].get('weights_sha256'))[:12]})",
+        f"  from       {source.get('path')}",
+        f"  dims       {sizes}",
+        "  parameters " + ", ".join(f"{k}={v}" for k, v in a["parameters"].items()),
+        f"  size       {_size(path)}",
         f"  created    {a['created']} by repgeo {a['toolkit_version']}",
     ]
     return "\n".join(lines)

@@ -23,7 +23,8 @@ from .zarr_io import (UnreadableGroup, array_digest, chunk_key, describe_error, 
 #: The JSON Schemas ship inside the package (the top-level schemas/ of the repository links here).
 SCHEMA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "schemas")
 SCHEMA_FILES = {"activations": "activation-store.schema.json", "results": "results.schema.json",
-                "sae_cooccurrence": "sae-cooccurrence.schema.json", "lens": "lens-results.schema.json"}
+                "sae_cooccurrence": "sae-cooccurrence.schema.json", "lens": "lens-results.schema.json",
+                "relations": "relations-results.schema.json", "markov": "markov-results.schema.json"}
 #: Arrays written once whose size grows with the prompts' lengths: only ``--deep`` reads them for their digests.
 GROWING = {"text", "input_ids"}
 #: Prompts named in one problem line; the rest are counted.
@@ -120,12 +121,12 @@ def store_problems(path: str, group: zarr.Group, kind: str, deep: bool = False) 
         return problems
     problems = _dimension_problems(description["arrays"])
     problems += {"activations": _activation_layout, "results": _results_layout, "sae_cooccurrence": _sae_layout,
-                 "lens": _lens_layout}[kind](description)
+                 "lens": _lens_layout}.get(kind, lambda _: [])(description)
     if problems:
         return problems
     if kind == "activations":
         return _activation_data(group, description["attributes"].get("digests"), deep)
-    problems = [] if kind == "sae_cooccurrence" else _read_done(group)[1]
+    problems = _read_done(group)[1] if "done" in arrays else []  # stores written whole at once have no done
     return problems + (_unreadable_chunks(group) if deep else [])
 
 
