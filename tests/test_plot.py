@@ -32,32 +32,34 @@ def expected_id(group: int, layer: int, n2_index: int) -> float:
     return 28.0 if layer == 0 else 10.0 + group + layer + n2_index
 
 
-def make_results(path, n_groups: int, groups_done: bool = True) -> str:
+def make_results(path, n_groups: int, groups_done: bool = True, layers=tuple(range(N_LAYERS))) -> str:
     """A results store of 2 prompts per group (label ``lang`` = g00, g01, …) with known values.
 
     The two prompts of a group lie at ±1 around :func:`expected_id`; their loss is linear in their ID beyond
     layer 0 (Pearson r = 1). Without ``groups_done`` the group observables stay NaN, as summarize leaves them
-    while the activation store is incomplete.
+    while the activation store is incomplete. ``layers``: the model layers it holds (a subset store's: some).
     """
+    layers = np.asarray(layers)
     n_prompts = 2 * n_groups
     group = np.arange(n_prompts) % n_groups
     offset = np.where(np.arange(n_prompts) < n_groups, 1.0, -1.0)
     names = [f"g{g:02d}" for g in range(n_groups)]
-    source = FakeActivations(hidden=np.broadcast_to(np.float32(0), (n_prompts, N_LAYERS, 4, 2)),
-                             loss=(1.0 + 0.1 * (group + offset)).astype(np.float32), prompt=np.arange(n_prompts),
-                             n_tokens=np.full(n_prompts, 4), lang=np.array([names[g] for g in group], dtype=object))
+    source = FakeActivations(hidden=np.broadcast_to(np.float32(0), (n_prompts, len(layers), 4, 2)),
+                             layer=layers, loss=(1.0 + 0.1 * (group + offset)).astype(np.float32),
+                             prompt=np.arange(n_prompts), n_tokens=np.full(n_prompts, 4),
+                             lang=np.array([names[g] for g in group], dtype=object))
     create_results_store(str(path), source=source, params=PARAMS, groups=names,
                          variables=["gride_id", "overlap", "group_gride_id", "group_kl"],
-                         attrs={"source": {"model": "/models/tiny-llama/"}, "parameters": PARAMS.recorded()})
+                         attrs={"source": {"model": "/models/tiny-llama/"}, "parameters": PARAMS.recorded(),
+                                "source_attributes": {"model": {"n_layers": N_LAYERS - 1}}})
     store = zarr.open_group(str(path), mode="r+")
     n2 = len(PARAMS.n2)
-    means = np.array([[[expected_id(g, layer, j) for j in range(n2)] for layer in range(N_LAYERS)] for g in group])
-    store["gride_id"][:] = means + np.where(np.arange(N_LAYERS) == 0, 0, 1)[None, :, None] * offset[:, None, None]
-    overlap = 0.1 + 0.02 * PARAMS.ks[None, None, :] + 0.01 * group[:, None, None] + np.zeros((1, N_LAYERS, 1))
+    means = np.array([[[expected_id(g, layer, j) for j in range(n2)] for layer in layers] for g in group])
+    store["gride_id"][:] = means + np.where(layers == 0, 0, 1)[None, :, None] * offset[:, None, None]
+    overlap = 0.1 + 0.02 * PARAMS.ks[None, None, :] + 0.01 * group[:, None, None] + np.zeros((1, len(layers), 1))
     overlap[:, -1] = np.nan  # no layer after the last one
     store["overlap"][:] = overlap
     if groups_done:
-        layers = np.arange(N_LAYERS)
         store["group_gride_id"][:] = 5.0 + np.arange(n_groups)[:, None, None] + layers[None, :, None] + np.zeros(n2)
         store["group_kl"][:] = 0.1 * np.arange(n_groups)[:, None] * layers[None, :]
     store["done"][:] = True
@@ -181,3 +183,55 @@ def test_bad_layers_exit_2_through_the_cli(two_groups, tmp_path, capsys, layers,
     err = capsys.readouterr().err
     assert err.startswith("repgeo plot: error: " + problem) and err.count("\n") == 1
     assert not out.exists()  # refused before anything is written
+
+
+def test_the_cli_draws_a_results_store_by_its_kind(two_groups, tmp_path):
+    out = tmp_path / "plots"
+    assert main(["plot", two_groups, "--out", str(out), "--n2", "4", "--k", "2", "--layers", "1:"]) == 0
+    assert {"gride_id.png", "overlap_vs_k.png", "group_kl.png"} <= {p.name for p in out.iterdir()}
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--prompt", "0"], "--prompt does not apply to {path}, a results store; a results store takes --groupby, "
+                        "--n2, --k, --layers"),
+    (["--n2", "4", "--tokens", "0:5"], "--tokens does not apply to {path}, a results store"),
+])
+def test_lens_options_are_refused_on_a_results_store(two_groups, tmp_path, capsys, args, problem):
+    out = tmp_path / "plots"
+    assert main(["plot", two_groups, "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("repgeo plot: error: " + problem.format(path=two_groups)) and err.count("\n") == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind, args, problem", [
+    ("sae_cooccurrence", [], "{path} is a repgeo sae_cooccurrence store; repgeo plot draws results stores (from "
+                             "repgeo summarize), lens stores (from repgeo lens), relations stores"),
+    (None, [], "{path} is not a repgeo store; repgeo plot draws results stores"),
+    ("markov", ["--layers", "1"], "--layers does not apply to {path}, a markov store; a markov store takes no option "
+                                  "but --out"),
+    ("activations", ["--min-weight", "0.1"], "{path} is an activations store: give --prompt, which it requires"),
+    ("activations", ["--prompt", "0", "--n2", "4"], "--n2 does not apply to {path}, an activations store; an "
+                                                    "activations store takes --prompt, --target, --min-weight, --model"),
+])
+def test_stores_of_other_kinds_are_refused_saying_what_plot_draws(tmp_path, capsys, kind, args, problem):
+    path = tmp_path / "store.zarr"
+    group = zarr.create_group(str(path), zarr_format=3)
+    if kind:
+        group.attrs["repgeo"] = {"kind": kind, "schema_version": "1.0"}
+    assert main(["plot", str(path), "--out", str(tmp_path / "plots"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("repgeo plot: error: " + problem.format(path=path)) and err.count("\n") == 1
+    assert not (tmp_path / "plots").exists()
+
+
+def test_a_subset_store_draws_its_layer_numbers_at_their_depth(tmp_path, capsys):
+    path = make_results(tmp_path / "subset.zarr", n_groups=2, layers=(1, 3, 5))
+    by_layer, depth = draw(path, n2=4, layers="2:")["gride_id"].axes[:2]
+    x, y = line_data(by_layer)["lang=g00"]
+    assert x.tolist() == [3, 5]
+    np.testing.assert_allclose(y, [expected_id(0, 3, 1), expected_id(0, 5, 1)])
+    np.testing.assert_allclose(line_data(depth)["lang=g00"][0], [3 / 5, 1.0])  # depth in the model: 5 blocks
+    assert main(["plot", path, "--out", str(tmp_path / "plots"), "--n2", "4", "--layers", "0,2"]) == 2
+    assert capsys.readouterr().err == ("repgeo plot: error: --layers 0,2 selects none of the layers this store holds "
+                                       "(1, 3, 5); choose among them\n")

@@ -1,8 +1,10 @@
-"""``repgeo plot``: PNG figures of a results store, one line (or colour) per group of prompts.
+"""``repgeo plot``: figures of a store, by its kind: :func:`plot_store` draws a results store here, a lens store in
+:mod:`toolkit.plot_lens`, relations and markov stores in :mod:`toolkit.plot_relations`, an activation store's
+contributions in :mod:`toolkit.plot_flow` (:data:`KINDS`).
 
-Each observable against layer and relative depth; GRIDE ID against its scale n2; neighbourhood overlap against
-k; each prompt's GRIDE ID against its loss. :func:`figures` draws them (matplotlib Figures, for tests and
-notebooks); :func:`plot_results` writes them as PNG files.
+Results store: one line (or colour) per group of prompts. Each observable against layer and relative depth; GRIDE
+ID against its scale n2; neighbourhood overlap against k; each prompt's GRIDE ID against its loss. :func:`figures`
+draws them (matplotlib Figures, for tests and notebooks); :func:`plot_results` writes them as PNG files.
 """
 
 from __future__ import annotations
@@ -45,6 +47,16 @@ AGAINST = {
 MAX_PANELS = 4
 LINE_STYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D")
+#: Store kind → (the command that makes it, the options of ``repgeo plot`` it takes (others are refused), those it
+#: requires, the module and function that draw it: ``function(path, out_dir, **options) -> paths``).
+KINDS = {
+    "results": ("repgeo summarize", ("groupby", "n2", "k", "layers"), (), "plot", "plot_results"),
+    "lens": ("repgeo lens", ("prompt", "tokens", "layers"), (), "plot_lens", "plot_lens"),  # it asks for --prompt
+    "relations": ("repgeo relations analogies", ("layers",), (), "plot_relations", "relations_figures"),
+    "markov": ("repgeo relations markov", (), (), "plot_relations", "relations_figures"),
+    "activations": ("repgeo extract --contributions", ("prompt", "target", "min_weight", "model"), ("prompt",),
+                    "plot_flow", "flow_figures"),
+}
 
 
 def group_styles(n: int) -> list[dict]:
@@ -82,6 +94,29 @@ class _Setup:
         return f"{self.group_label}={value}"
 
 
+def model_layers(ds) -> int:
+    """Layers of the model a results or lens store ``ds`` was computed from: embeddings and one per block."""
+    return ds.attrs["source_attributes"]["model"]["n_layers"] + 1
+
+
+def store_layers(ds, text: str | None) -> list:
+    """The layers of ``ds`` that ``--layers`` ``text`` selects, sorted; all of them when ``text`` is None.
+
+    The store's ``layer`` coordinate holds model layer numbers, all of them or a subset's; ``text`` is parsed
+    against the model's layers (:func:`~toolkit.runtime.layers.parse_layers`). Raises :class:`UserError` when it
+    selects none that the store holds.
+    """
+    held = [int(layer) for layer in ds.layer.values]
+    if text is None:
+        return held
+    chosen = set(parse_layers(text, model_layers(ds)))
+    rows = [layer for layer in held if layer in chosen]
+    if not rows:
+        raise UserError(f"--layers {text} selects none of the layers this store holds ({', '.join(map(str, held))}); "
+                        f"choose among them")
+    return rows
+
+
 def _setup(ds, groupby, n2, k, layers) -> _Setup:
     """Check the options against ``ds`` (raising :class:`UserError`) and fix each group's style."""
     groupby = groupby or ds.attrs["parameters"].get("groupby")
@@ -92,8 +127,8 @@ def _setup(ds, groupby, n2, k, layers) -> _Setup:
         raise UserError(f"--n2 {n2} is not a GRIDE scale of this store; scales: {', '.join(map(str, ds.n2.values))}")
     if "k" in ds.dims and k not in ds.k.values:
         raise UserError(f"--k {k} is outside the overlap sizes 1..{int(ds.k.max())}")
-    n_layers = ds.sizes["layer"]
-    chosen = parse_layers(layers, n_layers)
+    n_layers = model_layers(ds)
+    chosen = store_layers(ds, layers)
     if groupby is None:
         groups = {"all prompts": np.ones(ds.sizes["prompt"], dtype=bool)}
     else:
@@ -238,10 +273,10 @@ def _id_vs_loss(s: _Setup, ids, loss: np.ndarray):
 def figures(ds, groupby: str | None = None, n2: int = 32, k: int = 8, layers: str | None = None):
     """Check the options against the results Dataset ``ds``, then return an iterator of (file stem, Figure).
 
-    Options as ``repgeo plot``: ``layers`` in the grammar of :func:`~toolkit.runtime.layers.parse_layers`.
-    Raises :class:`UserError` on a bad option before anything is drawn. Figures are drawn one at a time as the
-    iterator is consumed; a figure whose variables are absent is left out, one whose values are all NaN at the
-    chosen layers too, with a note on stderr.
+    Options as ``repgeo plot``: ``layers`` as :func:`store_layers` takes them (model layer numbers). Raises
+    :class:`UserError` on a bad option before anything is drawn. Figures are drawn one at a time as the iterator is
+    consumed; a figure whose variables are absent is left out, one whose values are all NaN at the chosen layers
+    too, with a note on stderr.
     """
     return _draw(_setup(ds, groupby, n2, k, layers))
 
@@ -297,3 +332,38 @@ def plot_results(path: str, out_dir: str, groupby: str | None = None, n2: int = 
         fig.savefig(target, dpi=110)
         written.append(target)
     return written
+
+
+def plot_store(path: str, out_dir: str, **options) -> list:
+    """Write the figures of the store at ``path`` into ``out_dir`` by its kind (:data:`KINDS`); return the paths of
+    the files written.
+
+    options: those ``repgeo plot`` was given (groupby, n2, k, layers, prompt, tokens, target, min_weight, model),
+    None for one not given. Raises :class:`UserError`, before anything is written, for a store of a kind plot does
+    not draw, and for an option the kind does not take or lacks.
+    """
+    import importlib
+
+    from .store.zarr_io import open_zarr_group, repgeo_kind
+
+    kind = repgeo_kind(open_zarr_group(path, "repgeo store"))
+    if kind not in KINDS:
+        what = f"a repgeo {kind} store" if kind else "not a repgeo store"
+        drawn = ", ".join(f"{name} stores (from {made_by})" for name, (made_by, *_) in KINDS.items())
+        raise UserError(f"{path} is {what}; repgeo plot draws {drawn}: give one of those")
+    _, takes, requires, module, function = KINDS[kind]
+    store = f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} store"
+    given = {name: value for name, value in options.items() if value is not None}
+    for name in given:
+        if name not in takes:
+            allowed = ", ".join(_flag(option) for option in takes) or "no option but --out"
+            raise UserError(f"{_flag(name)} does not apply to {path}, {store}; {store} takes {allowed}")
+    for name in requires:
+        if name not in given:
+            raise UserError(f"{path} is {store}: give {_flag(name)}, which it requires")
+    draw = getattr(importlib.import_module(f".{module}", __package__), function)
+    return draw(path, out_dir, **given)
+
+
+def _flag(option: str) -> str:
+    return "--" + option.replace("_", "-")
