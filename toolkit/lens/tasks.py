@@ -9,13 +9,16 @@ from ..runtime.cluster import task_settings
 from ..store.activations import open_activation_group, read_done_slab
 from .weights import load_lens_weights
 
-#: Entries of one (token, vocab) float32 matrix: 64 MiB. A block holds three such (logits of this layer, the
-#: final layer's log-probabilities, a temporary), so memory per worker stays bounded whatever the vocabulary.
-BLOCK_ENTRIES = 2**24
+#: Entries of one (token, vocab) float32 matrix: just under 32 MiB, glibc's largest mmap threshold, which the
+#: workers' allocator settings use (runtime.cluster.task_settings): the ~10 temporaries of this size a reading
+#: makes (logits, log-probabilities, their exponentials, products) are then reused from the heap instead of
+#: mapped and page-faulted afresh each time (2.4x less CPU at a 262,144-token vocabulary, bench/README.md).
+#: Memory per worker stays bounded whatever the vocabulary.
+BLOCK_ENTRIES = 2**23 - 2**16
 
 
 def block_tokens(vocab: int) -> int:
-    """Tokens per block for a vocabulary of ``vocab`` entries (64 for 262,144; 341 for 49,152)."""
+    """Tokens per block for a vocabulary of ``vocab`` entries (31 for 262,144; 169 for 49,152)."""
     return max(1, BLOCK_ENTRIES // vocab)
 
 
@@ -61,6 +64,7 @@ def lens_task(store: str, prompt: int, weights: str, token: str, params, device:
             if output:
                 final_logp = lens_math.output_log_probs(torch.from_numpy(slabs[final][at]).to(device),
                                                         parts.unembedding, parts.softcap)
+                final_p = lens_math.reference_distribution(final_logp)
             for i, layer in enumerate(params.layers):
                 X = torch.from_numpy(slabs[layer][at]).to(device)
                 for d, decoder in enumerate(params.decoders):
@@ -75,7 +79,7 @@ def lens_task(store: str, prompt: int, weights: str, token: str, params, device:
                     out["lens_top_scores"][d, i, at] = np.exp(top_scores) if decoder == "output" else top_scores
                     if decoder == "output":
                         out["lens_entropy"][i, at] = lens_math.entropy_bits(scores)
-                        out["lens_kl_final"][i, at] = lens_math.kl_divergence(final_logp, scores)
+                        out["lens_kl_final"][i, at] = lens_math.kl_divergence(final_p, scores)
                         out["lens_next_logprob"][i, at], out["lens_next_rank"][i, at] = (
                             lens_math.next_token_scores(scores, next_ids[at]))
         if output:

@@ -39,12 +39,21 @@ def entropy_bits(log_probs: torch.Tensor) -> np.ndarray:
     return (-(log_probs.exp() * log_probs).sum(dim=-1) / LOG2).cpu().numpy().astype(np.float32)
 
 
-def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> np.ndarray:
-    """KL(p ‖ q) per row in nats, (token,) float32, from (token, vocab) log-probabilities of p and q.
+def reference_distribution(log_p: torch.Tensor) -> tuple:
+    """(p, Σ p log p per row) of (token, vocab) log-probabilities: what `kl_divergence` needs of p, computed once
+    for every q it is compared with."""
+    p = log_p.exp()
+    return p, (p * log_p).sum(dim=-1)
+
+
+def kl_divergence(reference: tuple, log_q: torch.Tensor) -> np.ndarray:
+    """KL(p ‖ q) = Σ p log p − Σ p log q per row in nats, (token,) float32; ``reference``: `reference_distribution`
+    of p, log_q: (token, vocab) log-probabilities of q.
 
     Clamped at 0 (float32 rounding makes KL(p ‖ p) a few 1e-7 either side of it).
     """
-    return torch.clamp((log_p.exp() * (log_p - log_q)).sum(dim=-1), min=0).cpu().numpy().astype(np.float32)
+    p, p_log_p = reference
+    return torch.clamp(p_log_p - (p * log_q).sum(dim=-1), min=0).cpu().numpy().astype(np.float32)
 
 
 def next_token_scores(log_probs: torch.Tensor, next_ids) -> tuple:
