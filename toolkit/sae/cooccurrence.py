@@ -102,31 +102,44 @@ _ACCUMULATED = {}
 
 def count_task(store: str, layer: int, prompts: list, task: int, sae_dir: str, weights_sha256: str,
                threshold: float, block: int, job: str) -> int:
-    """Add the counts of a range of prompts into this worker's sum for ``job``; return the number of blocks."""
+    """Add the counts of a range of prompts into this worker's sum for ``job``; return the number of blocks.
+
+    Occurrences wait in the worker's pending list, across tasks, until FLUSH_BLOCKS blocks are there: each product
+    passes over the whole dense (feature, feature) sum (1 GiB at 16k features, memory-bound), so the fewer
+    products the better, and workers sharing a node's memory bandwidth scale with their number.
+    """
     with task_settings():
         source = StoreLayer(store, layer)
         sae = _worker_sae(sae_dir, source.d_model, weights_sha256)
-        entry = _ACCUMULATED.setdefault(job, {"blocks": 0, "tasks": [], "counts": None})
+        entry = _ACCUMULATED.setdefault(job, {"blocks": 0, "tasks": [], "counts": None, "pending": []})
         if entry["counts"] is None:
             entry["counts"] = np.zeros((sae.d_sae, sae.d_sae), dtype=np.int32)
-        pending, n_pending, n_blocks = [], 0, 0
-        for i, p in enumerate(prompts):
+        n_blocks = 0
+        for p in prompts:
             vectors, special = source.slab(p)
             occurrence = block_occurrence(encode(sae, vectors), len(vectors), special, threshold, block)
-            pending.append(occurrence)
-            n_pending += occurrence.shape[0]
-            if n_pending >= FLUSH_BLOCKS or i == len(prompts) - 1:  # one matrix product for many blocks
-                cooccurrence_counts(sp.vstack(pending, format="csr"), out=entry["counts"])
-                n_blocks += n_pending
-                pending, n_pending = [], 0
+            entry["pending"].append(occurrence)
+            n_blocks += occurrence.shape[0]
+            if sum(o.shape[0] for o in entry["pending"]) >= FLUSH_BLOCKS:
+                _flush(entry)
         entry["blocks"] += n_blocks
         entry["tasks"].append(task)
         return n_blocks
 
 
+def _flush(entry: dict):
+    """Add the pending blocks' counts into the worker's sum: one matrix product for all of them."""
+    if entry["pending"]:
+        cooccurrence_counts(sp.vstack(entry["pending"], format="csr"), out=entry["counts"])
+        entry["pending"] = []
+
+
 def take_counts(job: str) -> tuple:
     """This worker's sum for ``job`` as (blocks, task ids, int32 counts or None), forgotten here."""
-    entry = _ACCUMULATED.pop(job, None) or {"blocks": 0, "tasks": [], "counts": None}
+    entry = _ACCUMULATED.pop(job, None)
+    if entry is None:
+        return 0, [], None
+    _flush(entry)
     return entry["blocks"], entry["tasks"], entry["counts"]
 
 
