@@ -160,10 +160,9 @@ class ContributionRecorder:
         record["resid_norm"] = stream.norm(dim=-1).float().cpu().numpy()
         record["attn_norm"] = attn_write.norm(dim=-1).float().cpu().numpy()
         pending["after_attention"] = stream + attn_write
-        weights = pending.pop("weights").float().cpu().numpy()
-        record["attention"] = np.stack([mix_heads(w[None], None if self.weighting == "mean" else
-                                                  record["head_norm"][i][None])[0]
-                                        for i, w in enumerate(weights)]).astype(np.float32)
+        weights = pending.pop("weights").float()  # (batch, head, query, key)
+        mixed = mix_heads(weights, None if self.weighting == "mean" else head_norm.float())
+        record["attention"] = mixed.cpu().numpy()
 
     def _mlp(self, b):
         def hook(module, args, kwargs, output):
@@ -183,7 +182,7 @@ class ContributionRecorder:
         out = {name: np.stack([r[name][i, :, :n] for r in self.records]).astype(np.float32) for name in HEAD_ARRAYS}
         out.update({name: np.stack([r[name][i, :n] for r in self.records]).astype(np.float32)
                     for name in BLOCK_ARRAYS})
-        attention = np.stack([r["attention"][i, :n, :n] for r in self.records])
+        attention = [r["attention"][i, :n, :n] for r in self.records]  # views: no copy of the (token, token) blocks
         out["flow"] = attention_flow(attention, 1 - out["attn_share"], flow.positions(n)).astype(np.float32)
         return out
 

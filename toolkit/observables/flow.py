@@ -24,26 +24,26 @@ def mix_heads(attention, head_weights=None):
     attention: (block, head, token, token) weights, rows (queries i) summing to 1 over keys j; head_weights:
     None for the plain mean over heads, or (block, head, token) non-negative weights per query (e.g. each head's
     write norm at token i): A(i, j) = Σ_h w_h(i) A_h(i, j) / Σ_h w_h(i), the mean where all weights are 0.
-    Returns (block, token, token) float64 with rows summing to 1.
+    numpy arrays or torch tensors (the extraction mixes on the model's device, in its dtype). Returns (block,
+    token, token) in the input's type and dtype, rows summing to 1.
     """
-    attention = np.asarray(attention, np.float64)
     if head_weights is None:
-        return attention.mean(axis=1)
-    w = np.asarray(head_weights, np.float64)
-    total = w.sum(axis=1, keepdims=True)
-    w = np.where(total > 0, w / np.where(total > 0, total, 1), 1.0 / w.shape[1])
-    return np.einsum("bhi,bhij->bij", w, attention)
+        return attention.mean(1)
+    total = head_weights.sum(1)[:, None]
+    empty = total == 0
+    w = head_weights / (total + empty) + empty / head_weights.shape[1]  # the mean where every weight is 0
+    return (w[..., None] * attention).sum(1)
 
 
 def attention_flow(attention, residual_share, targets) -> np.ndarray:
     """Importance of every (layer, token) node for each target token.
 
-    attention: (block, token, token) head-mixed weights (`mix_heads`); residual_share: (block, token) r_b(i),
+    attention: (block, token, token) head-mixed weights (`mix_heads`), or a sequence of (token, token) arrays, one
+    per block (read as they are: importance is propagated in float64); residual_share: (block, token) r_b(i),
     e.g. 1 − attention write share; targets: positions of the target tokens. Importance is 1 at the target in
     the last layer; going down one block, w_b(j) = Σ_i w_{b+1}(i) [r_b(i) 1{i = j} + (1 − r_b(i)) A_b(i, j)].
     Returns (target, layer, token) float64, layer = 0 … block count; each (target, layer) row sums to 1.
     """
-    attention = np.asarray(attention, np.float64)
     r = np.asarray(residual_share, np.float64)
     n_blocks, n = r.shape
     targets = np.asarray(targets, dtype=np.int64)
