@@ -324,12 +324,16 @@ def plot_results(path: str, out_dir: str, groupby: str | None = None, n2: int = 
     """Write the :func:`figures` of the results store at ``path`` as PNG files into ``out_dir``; return their paths."""
     from .store.results import open_results
 
-    drawn = figures(open_results(path), groupby=groupby, n2=n2, k=k, layers=layers)
+    return save_figures(figures(open_results(path), groupby=groupby, n2=n2, k=k, layers=layers), out_dir)
+
+
+def save_figures(drawn, out_dir: str, dpi: int = 110) -> list:
+    """Save (file stem, Figure) pairs as ``out_dir/stem.png`` (creating the folder); return the paths."""
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for name, fig in drawn:
         target = os.path.join(out_dir, f"{name}.png")
-        fig.savefig(target, dpi=110)
+        fig.savefig(target, dpi=dpi)
         written.append(target)
     return written
 

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .errors import UserError
-from .plot import group_styles
+from .plot import group_styles, save_figures
 from .runtime.layers import parse_layers
 
 #: Hidden layers drawn as crystal panels.
@@ -44,13 +44,7 @@ def relations_figures(path: str, out_dir: str, layers: str | None = None) -> lis
         drawn = [("markov_agreement", _markov(ds))]
     else:
         drawn = list(_relations(ds, _chosen_layers(ds, layers, path)))
-    os.makedirs(out_dir, exist_ok=True)
-    written = []
-    for name, fig in drawn:
-        target = os.path.join(out_dir, f"{name}.png")
-        fig.savefig(target, dpi=110)
-        written.append(target)
-    return written
+    return save_figures(drawn, out_dir)
 
 
 def _chosen_layers(ds, layers: str | None, path: str) -> list:

@@ -3,16 +3,11 @@
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
 from ..errors import UserError
-from ..runtime.layers import parse_layers
+from ..runtime.layers import NUMBER, parse_indices, parse_layers
 from .where import select_where
-
-_NUMBER = re.compile(r"-?\d+")
-_RANGE = re.compile(r"(-?\d+)?:(-?\d+)?")
 
 
 def parse_prompts(text: str, n_prompts: int) -> np.ndarray:
@@ -22,26 +17,8 @@ def parse_prompts(text: str, n_prompts: int) -> np.ndarray:
     Python slice), e.g. ``0:100,250``. Raises :class:`UserError` naming an item that is not an index or range or
     lies outside the store.
     """
-    valid = f"the store has prompts 0..{n_prompts - 1}"
-    chosen = set()
-    for item in (piece.strip() for piece in text.split(",")):
-        if not item:
-            continue
-        if _NUMBER.fullmatch(item):
-            if not 0 <= int(item) < n_prompts:
-                raise UserError(f"--prompts item {item!r} is outside the store; {valid}")
-            chosen.add(int(item))
-            continue
-        match = _RANGE.fullmatch(item.replace(" ", ""))
-        if match is None:
-            raise UserError(f"--prompts item {item!r} is neither a prompt index nor an A:B range; {valid}, e.g. "
-                            f"--prompts 0:10,25")
-        start = 0 if match[1] is None else int(match[1])
-        stop = n_prompts if match[2] is None else int(match[2])
-        if not (0 <= start < n_prompts and 0 <= stop <= n_prompts):
-            raise UserError(f"--prompts item {item!r} is outside the store; {valid} (a range may end at {n_prompts})")
-        chosen.update(range(start, stop))
-    return np.array(sorted(chosen), dtype=np.int64)
+    return np.array(parse_indices(text, n_prompts, "--prompts", "prompt", "the store", "--prompts 0:10,25", "index"),
+                    dtype=np.int64)
 
 
 def as_ranges(indices) -> str:
@@ -90,7 +67,7 @@ def select_layers(text: str | None, held: np.ndarray, n_layers: int) -> np.ndarr
         return np.arange(len(held), dtype=np.int64)
     wanted = parse_layers(text, n_layers)
     missing = sorted({int(item) for item in (piece.strip() for piece in text.split(","))
-                      if _NUMBER.fullmatch(item)} - set(held.tolist()))
+                      if NUMBER.fullmatch(item)} - set(held.tolist()))
     if missing:
         raise UserError(f"--layers names layer {missing[0]}, which the store does not hold; it holds layers "
                         f"{as_ranges(held)}")
