@@ -284,3 +284,41 @@ class PromptWriter:
             full[tuple(slice(0, s) for s in value.shape)] = value  # targets and tokens past the prompt stay NaN
             array[prompt] = full
         self.done[prompt] = True
+
+
+def layout_problems(description: dict) -> list:
+    """Problems of an activation store's layout: chunking, shapes against the model, dtype, texts, counts.
+
+    description: what `toolkit.store.validate.describe_store` gives, after the schema check.
+    """
+    arrays, attrs = description["arrays"], description["attributes"]
+    hidden = arrays["hidden"]
+    n_prompts, n_layers, width, d_model = hidden["shape"]
+    problems = []
+    if hidden["chunks"] != [1, 1, width, d_model] or hidden["shards"] != [1, n_layers, width, d_model]:
+        problems.append(f"hidden has shape {hidden['shape']} but chunks {hidden['chunks']} and shards "
+                        f"{hidden['shards']}: not one (prompt, layer) slab per chunk and one prompt per shard")
+    for name in ("input_ids", "token_loss"):
+        if arrays[name]["chunks"][1] != width:
+            problems.append(f"{name} has chunks of {arrays[name]['chunks'][1]} tokens, not all {width}")
+    model = attrs["model"]
+    held = attrs.get("layers")  # a layer subset (repgeo subset --layers) names the layers it holds
+    if held is None and model["n_layers"] + 1 != n_layers:
+        problems.append(f"hidden has {n_layers} layers, but the model has {model['n_layers']} blocks + embeddings")
+    if held is not None and (len(held) != n_layers or held != sorted(set(held)) or held[-1] > model["n_layers"]):
+        problems.append(f"the layers attribute {held} does not name hidden's {n_layers} layers, increasing, among "
+                        f"the model's 0..{model['n_layers']}")
+    if held is not None and "block" in arrays:
+        problems.append("the store holds only some layers (layers attribute) but contribution arrays, which need "
+                        "every layer")
+    if model["d_model"] != d_model:
+        problems.append(f"hidden has {d_model} along dim, but the model's d_model is {model['d_model']}")
+    if hidden["data_type"] != STORED_DTYPES[attrs["dtype"]]:
+        problems.append(f"hidden is {hidden['data_type']} but the dtype attribute says {attrs['dtype']}")
+    if ("text" in arrays) == ("text_sha256" in arrays):
+        problems.append("exactly one of text and text_sha256 must be present")
+    if attrs["prompts"]["n_stored"] != n_prompts:
+        problems.append(f"prompts.n_stored is {attrs['prompts']['n_stored']} but the store has {n_prompts} prompts")
+    problems += [f"digests has an entry for {name}, which the store lacks"
+                 for name in attrs.get("digests", {}) if name not in arrays]
+    return problems

@@ -14,7 +14,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from ..runtime.partial import Partial
 from .activations import LAYOUT
-from .zarr_io import consolidate, eager_labels, open_repgeo_group, quiet_zarr, write_1d
+from .zarr_io import consolidate, eager_labels, open_repgeo_group, quiet_zarr, source_prompt_problems, write_1d
 
 KIND = "lens"
 SCHEMA_VERSION = "1.0"
@@ -128,3 +128,14 @@ def open_lens(path: str):
     open_lens_group(path)
     quiet_zarr()
     return eager_labels(xr.open_zarr(path))
+
+
+def layout_problems(description: dict) -> list:
+    """Problems of a lens store's layout against its source and parameters (description: `describe_store`)."""
+    arrays, attrs = description["arrays"], description["attributes"]
+    params, problems = attrs["parameters"], source_prompt_problems(arrays, attrs)
+    expected = {"decoder": len(params["decoders"]), "layer": len(params["layers"]), "top": params["top_k"],
+                "k": len(params["ks"])}
+    problems += [f"{name} has {arrays[name]['shape'][0]} values, but the parameters say {size}"
+                 for name, size in expected.items() if arrays[name]["shape"] != [size]]
+    return problems

@@ -1,7 +1,8 @@
 """The results store: observables of an activation store as an xarray-readable Zarr v3 group.
 
 Per-prompt variables have ``prompt`` first, in chunks of 256 prompts: one writer (the Dask client) writes
-prompt after prompt, and ``done`` is set after a prompt's variables, so a run can resume per prompt. Group variables, written once all prompts are done, have dims (group, layer, …). Every label of
+prompt after prompt, and ``done`` is set after a prompt's variables, so a run can resume per prompt. Group
+variables, written once all prompts are done, have dims (group, layer, …). Every label of
 the activation store is a coordinate on ``prompt``. Specified in ``schemas/results.schema.json``.
 """
 
@@ -14,7 +15,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from ..observables.heads import SPANS, STATISTICS
 from ..runtime.partial import Partial
 from .activations import LAYOUT
-from .zarr_io import consolidate, eager_labels, open_repgeo_group, quiet_zarr, write_1d
+from .zarr_io import consolidate, eager_labels, open_repgeo_group, quiet_zarr, source_prompt_problems, write_1d
 
 KIND = "results"
 SCHEMA_VERSION = "1.0"
@@ -82,7 +83,8 @@ def create_results_store(path: str, *, source, params, variables: list, groups: 
 def _build_results_store(partial: str, *, source, params, variables, groups, attrs):
     n_prompts, n_layers, width, _ = source["hidden"].shape
     sizes = {"prompt": n_prompts, "layer": n_layers, "n2": len(params.n2), "k": params.overlap_k,
-             "token": width, "token_b": width, "neighbor": params.overlap_k, "group": len(groups or []), "block": n_layers - 1,
+             "token": width, "token_b": width, "neighbor": params.overlap_k, "group": len(groups or []),
+             "block": n_layers - 1,
              "head": source["head_norm"].shape[2] if "head_norm" in source else 0, "stat": len(STATISTICS),
              "span": len(SPANS)}
     labels = [name for name, _ in source.arrays() if name not in LAYOUT]
@@ -151,3 +153,15 @@ def open_results(path: str):
     open_results_group(path)
     quiet_zarr()
     return eager_labels(xr.open_zarr(path))
+
+
+def layout_problems(description: dict) -> list:
+    """Problems of a results store's layout against its source and parameters (description: `describe_store`)."""
+    arrays, attrs = description["arrays"], description["attributes"]
+    params, problems = attrs["parameters"], source_prompt_problems(arrays, attrs)
+    if arrays["k"]["shape"] != [params["overlap_k"]]:
+        problems.append(f"k has {arrays['k']['shape'][0]} values, but overlap_k is {params['overlap_k']}")
+    if params["save_knn"] != ("knn_index" in arrays and "knn_distance" in arrays):
+        problems.append(f"save_knn is {params['save_knn']} but knn_index and knn_distance are "
+                        f"{'absent' if params['save_knn'] else 'present'}")
+    return problems

@@ -71,3 +71,19 @@ def create_sae_results_store(directory: str, *, d_sae: int, clusters, galaxy_wid
     write_1d(group, "cloud", np.array(CLOUDS, dtype=object), "cloud")
     write_1d(group, "rank", np.arange(1, galaxy_width + 1, dtype=np.int64), "rank")
     return group
+
+
+def layout_problems(description: dict) -> list:
+    """Problems of an SAE co-occurrence store's layout against its SAE and parameters."""
+    arrays, attrs = description["arrays"], description["attributes"]
+    problems = []
+    d_sae = attrs["sae"]["d_sae"]
+    for name in ("feature", "feature_b", "eig"):
+        if arrays[name]["shape"] != [d_sae]:
+            problems.append(f"{name} has {arrays[name]['shape'][0]} values, but the SAE has {d_sae} features")
+    if arrays["n_clusters"]["shape"] != [len(attrs["parameters"]["clusters"])]:
+        problems.append(f"n_clusters has {arrays['n_clusters']['shape'][0]} values, but clusters are "
+                        f"{attrs['parameters']['clusters']}")
+    if attrs["layer"] != attrs["parameters"]["layer"]:
+        problems.append(f"layer is {attrs['layer']} but parameters.layer {attrs['parameters']['layer']}")
+    return problems

@@ -16,7 +16,8 @@ import numpy as np
 import zarr
 
 from ..errors import UserError
-from .activations import PER_PROMPT, STORED_DTYPES
+from . import activations, lens_results, results, sae_results
+from .activations import PER_PROMPT
 from .zarr_io import (UnreadableGroup, array_digest, chunk_key, describe_error, open_repgeo_group, open_zarr_group,
                       repgeo_kind, stored_keys)
 
@@ -25,6 +26,9 @@ SCHEMA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 SCHEMA_FILES = {"activations": "activation-store.schema.json", "results": "results.schema.json",
                 "sae_cooccurrence": "sae-cooccurrence.schema.json", "lens": "lens-results.schema.json",
                 "relations": "relations-results.schema.json", "markov": "markov-results.schema.json"}
+#: Each store kind's own layout checks, kept in the module that owns its names and dtypes.
+LAYOUTS = {"activations": activations.layout_problems, "results": results.layout_problems,
+           "lens": lens_results.layout_problems, "sae_cooccurrence": sae_results.layout_problems}
 #: Arrays written once whose size grows with the prompts' lengths: only ``--deep`` reads them for their digests.
 GROWING = {"text", "input_ids"}
 #: Prompts named in one problem line; the rest are counted.
@@ -120,8 +124,7 @@ def store_problems(path: str, group: zarr.Group, kind: str, deep: bool = False) 
     if problems:  # the checks below rely on the types and arrays the schema pins
         return problems
     problems = _dimension_problems(description["arrays"])
-    problems += {"activations": _activation_layout, "results": _results_layout, "sae_cooccurrence": _sae_layout,
-                 "lens": _lens_layout}.get(kind, lambda _: [])(description)
+    problems += LAYOUTS.get(kind, lambda _: [])(description)
     if problems:
         return problems
     if kind == "activations":
@@ -180,82 +183,6 @@ def _dimension_problems(arrays: dict) -> list:
                 problems.append(f"{name} has {size} along {dim}, {first} has {first_size}")
         if any(c > max(s, 1) for c, s in zip(spec["shards"] or spec["chunks"], spec["shape"])):
             problems.append(f"{name} has shape {spec['shape']} but chunks of {spec['shards'] or spec['chunks']}")
-    return problems
-
-
-def _activation_layout(description: dict) -> list:
-    arrays, attrs = description["arrays"], description["attributes"]
-    hidden = arrays["hidden"]
-    n_prompts, n_layers, width, d_model = hidden["shape"]
-    problems = []
-    if hidden["chunks"] != [1, 1, width, d_model] or hidden["shards"] != [1, n_layers, width, d_model]:
-        problems.append(f"hidden has shape {hidden['shape']} but chunks {hidden['chunks']} and shards "
-                        f"{hidden['shards']}: not one (prompt, layer) slab per chunk and one prompt per shard")
-    for name in ("input_ids", "token_loss"):
-        if arrays[name]["chunks"][1] != width:
-            problems.append(f"{name} has chunks of {arrays[name]['chunks'][1]} tokens, not all {width}")
-    model = attrs["model"]
-    held = attrs.get("layers")  # a layer subset (repgeo subset --layers) names the layers it holds
-    if held is None and model["n_layers"] + 1 != n_layers:
-        problems.append(f"hidden has {n_layers} layers, but the model has {model['n_layers']} blocks + embeddings")
-    if held is not None and (len(held) != n_layers or held != sorted(set(held)) or held[-1] > model["n_layers"]):
-        problems.append(f"the layers attribute {held} does not name hidden's {n_layers} layers, increasing, among "
-                        f"the model's 0..{model['n_layers']}")
-    if held is not None and "block" in arrays:
-        problems.append("the store holds only some layers (layers attribute) but contribution arrays, which need "
-                        "every layer")
-    if model["d_model"] != d_model:
-        problems.append(f"hidden has {d_model} along dim, but the model's d_model is {model['d_model']}")
-    if hidden["data_type"] != STORED_DTYPES[attrs["dtype"]]:
-        problems.append(f"hidden is {hidden['data_type']} but the dtype attribute says {attrs['dtype']}")
-    if ("text" in arrays) == ("text_sha256" in arrays):
-        problems.append("exactly one of text and text_sha256 must be present")
-    if attrs["prompts"]["n_stored"] != n_prompts:
-        problems.append(f"prompts.n_stored is {attrs['prompts']['n_stored']} but the store has {n_prompts} prompts")
-    problems += [f"digests has an entry for {name}, which the store lacks"
-                 for name in attrs.get("digests", {}) if name not in arrays]
-    return problems
-
-
-def _results_layout(description: dict) -> list:
-    arrays, attrs = description["arrays"], description["attributes"]
-    params, problems = attrs["parameters"], []
-    if attrs["source"]["n_prompts"] != arrays["prompt"]["shape"][0]:
-        problems.append(f"the store has {arrays['prompt']['shape'][0]} prompts, its source "
-                        f"{attrs['source']['n_prompts']}")
-    if arrays["k"]["shape"] != [params["overlap_k"]]:
-        problems.append(f"k has {arrays['k']['shape'][0]} values, but overlap_k is {params['overlap_k']}")
-    if params["save_knn"] != ("knn_index" in arrays and "knn_distance" in arrays):
-        problems.append(f"save_knn is {params['save_knn']} but knn_index and knn_distance are "
-                        f"{'absent' if params['save_knn'] else 'present'}")
-    return problems
-
-
-def _lens_layout(description: dict) -> list:
-    arrays, attrs = description["arrays"], description["attributes"]
-    params, problems = attrs["parameters"], []
-    if attrs["source"]["n_prompts"] != arrays["prompt"]["shape"][0]:
-        problems.append(f"the store has {arrays['prompt']['shape'][0]} prompts, its source "
-                        f"{attrs['source']['n_prompts']}")
-    expected = {"decoder": len(params["decoders"]), "layer": len(params["layers"]), "top": params["top_k"],
-                "k": len(params["ks"])}
-    problems += [f"{name} has {arrays[name]['shape'][0]} values, but the parameters say {size}"
-                 for name, size in expected.items() if arrays[name]["shape"] != [size]]
-    return problems
-
-
-def _sae_layout(description: dict) -> list:
-    arrays, attrs = description["arrays"], description["attributes"]
-    problems = []
-    d_sae = attrs["sae"]["d_sae"]
-    for name in ("feature", "feature_b", "eig"):
-        if arrays[name]["shape"] != [d_sae]:
-            problems.append(f"{name} has {arrays[name]['shape'][0]} values, but the SAE has {d_sae} features")
-    if arrays["n_clusters"]["shape"] != [len(attrs["parameters"]["clusters"])]:
-        problems.append(f"n_clusters has {arrays['n_clusters']['shape'][0]} values, but clusters are "
-                        f"{attrs['parameters']['clusters']}")
-    if attrs["layer"] != attrs["parameters"]["layer"]:
-        problems.append(f"layer is {attrs['layer']} but parameters.layer {attrs['parameters']['layer']}")
     return problems
 
 

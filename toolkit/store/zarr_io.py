@@ -168,3 +168,11 @@ def write_1d(group: zarr.Group, name: str, values: np.ndarray, dim: str, attrs: 
                              attributes=attrs or {})
     arr[...] = values
     return arr
+
+
+def source_prompt_problems(arrays: dict, attrs: dict) -> list:
+    """A store derived from an activation store has as many prompts as its recorded source (``arrays``,
+    ``attrs``: a store description's, as `toolkit.store.validate.describe_store` gives)."""
+    if attrs["source"]["n_prompts"] != arrays["prompt"]["shape"][0]:
+        return [f"the store has {arrays['prompt']['shape'][0]} prompts, its source {attrs['source']['n_prompts']}"]
+    return []
