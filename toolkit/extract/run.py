@@ -301,8 +301,8 @@ def _run(s: ExtractSettings, ranks, stop: _StopFlag) -> int:
                         extras["grad_norm"] = gradient_norms(model, plan.prompts[p].input_ids,
                                                              flow.positions(len(token_loss)))
                     background.put(p, hidden, token_loss, extras)
-            left = [p for p in batch if not done[p]]
-            progress.add(len(left), int(n_tokens[left].sum()))
+                left = [p for p in batch if not done[p]]
+                progress.add(len(left), int(n_tokens[left].sum()))
         background.close()
     except UserError as e:
         if ranks.size > 1:  # only this rank knows: say it here and stop the others
