@@ -243,9 +243,13 @@ def assert_group_observables(store, results, label: str, reference: str, group_s
             assert abs(r["group_anisotropy"][i, layer] - svd_anisotropy(X)) < 1e-4, (g, layer)
             if g == reference:
                 assert r["group_kl"][i, layer] == 0
-            else:
+            else:  # vectors both pools hold are left out of both (counted in group_n_shared)
                 Yu = distinct_rows(pools[reference][layer])
-                ref = brute_knn_kl(Xu, Yu, min(kl_k, len(Xu) - 1, len(Yu)))
+                shared = {tuple(row) for row in Xu + 0.0} & {tuple(row) for row in Yu + 0.0}
+                own = np.array([row for row in Xu if tuple(row + 0.0) not in shared]).reshape(-1, Xu.shape[1])
+                other = np.array([row for row in Yu if tuple(row + 0.0) not in shared]).reshape(-1, Yu.shape[1])
+                assert r["group_n_shared"][i, layer] == len(shared), (g, layer)
+                ref = brute_knn_kl(own, other, kl_k) if len(own) > kl_k and len(other) >= kl_k else np.nan
                 np.testing.assert_allclose(r["group_kl"][i, layer], ref, rtol=1e-10, equal_nan=True,
                                            err_msg=f"group_kl {g} layer {layer}")
     return pools
