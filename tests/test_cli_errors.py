@@ -44,6 +44,7 @@ def test_bad_options_are_refused_before_anything_runs(command, option, value, tm
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # distributed retries for its whole 20 s connect timeout
 def test_an_unreachable_scheduler_is_one_line(many_prompts, tmp_path, run_repgeo, the_error_line):
     code, _, err = run_repgeo("summarize", "--store", many_prompts.store_1rank, "--out", tmp_path / "r.zarr",
                               "--scheduler", "tcp://127.0.0.1:9")

@@ -51,6 +51,7 @@ def test_a_store_larger_than_the_disk_is_refused_before_writing(tmp_path, many_p
         assert os.listdir(fs) == []
 
 
+@pytest.mark.slow
 def test_a_disk_that_fills_during_extraction_keeps_what_is_done(tmp_path, many_prompts, start_repgeo, run_repgeo,
                                                                 same_store, the_error_line):
     with tmpfs(tmp_path / "fs", "size=24m") as fs:

@@ -18,6 +18,8 @@ import zarr
 from conftest import build_atomically, CACHE, save_tiny_llama, train_tiny_tokenizer
 
 TOP_K = 4
+#: The lens runs here read a 262,144-row vocabulary: the whole file is in the full suite, not the quick subset.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")
