@@ -6,6 +6,7 @@ import numpy as np
 
 from ..observables import lens as lens_math
 from ..runtime.cluster import task_settings
+from ..runtime.ranks import select_device
 from ..store.activations import open_activation_group, read_done_slab
 from .weights import load_lens_weights
 
@@ -20,20 +21,6 @@ BLOCK_ENTRIES = 2**23 - 2**16
 def block_tokens(vocab: int) -> int:
     """Tokens per block for a vocabulary of ``vocab`` entries (31 for 262,144; 169 for 49,152)."""
     return max(1, BLOCK_ENTRIES // vocab)
-
-
-def worker_device(requested: str) -> str:
-    """The torch device of this worker: ``cuda`` (the first visible GPU: give each worker its own, e.g. with
-    Slurm's --gpus-per-task=1) when asked or, with ``auto``, when one is visible; else ``cpu``."""
-    import torch
-
-    from ..errors import UserError
-
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return "cpu"
-    if not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but a worker sees no CUDA device; use --device auto or cpu")
-    return "cuda"
 
 
 def lens_task(store: str, prompt: int, weights: str, token: str, params, device: str = "auto") -> tuple:
@@ -52,7 +39,7 @@ def lens_task(store: str, prompt: int, weights: str, token: str, params, device:
         n = int(group["n_tokens"][prompt])
         ids = group["input_ids"][prompt, :n].astype(np.int64)
         next_ids = np.append(ids[1:], -1)
-        device = worker_device(device)
+        device = select_device(0, device)  # cuda:0, the first visible GPU: one per worker
         parts = load_lens_weights(weights, token, device)
         slabs = {layer: read_done_slab(group, store, prompt, held.index(layer), 0, n)
                  for layer in {*params.layers, final}}

@@ -20,6 +20,7 @@ from ..observables.relations import (PREDICTORS, agreement, bigram_counts, cryst
                                      top_successors)
 from ..runtime.layers import parse_layers
 from ..runtime.partial import Partial
+from ..runtime.ranks import select_device
 from ..store.relations_results import (COMPARISONS, EMBEDDING_SPACES, KIND, MARKOV_KIND, SPACES, write_store)
 from .analogies import SpacePairs, analyse_space
 from .markov import context_prefix, corpus_sequences, direct_path, model_next_tokens, open_corpus
@@ -65,16 +66,6 @@ def parse_spaces(text: str) -> tuple:
         raise UserError(f"unknown space {unknown[0] if unknown else text!r} in --spaces; choose from "
                         f"{', '.join(SPACES)}")
     return tuple(s for s in SPACES if s in chosen)
-
-
-def _device(requested: str) -> str:
-    import torch
-
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return "cpu"
-    if not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is visible; use --device auto or cpu")
-    return "cuda"
 
 
 def _model_shape(ref) -> tuple:
@@ -253,7 +244,7 @@ def _summary(values: dict, params: AnalogyParams) -> list:
 
 def run_analogies(args) -> int:
     params, pairs, ref, tokenizer, words = check_analogies(args)
-    device = _device(args.device)
+    device = select_device(0, args.device)
     t0 = time.monotonic()
     _log(f"relations analogies: {pairs.n_pairs} pairs of {len(pairs.relations)} relations, {len(pairs.words)} words; "
          f"spaces {', '.join(params.spaces)}; {len(params.layers)} layers; device {device}")
@@ -351,7 +342,7 @@ def markov(args, ref, tokenizer, counted: MarkovCounts, vocab: int, device: str)
 
 def run_markov(args) -> int:
     corpus, ref, tokenizer, counted, vocab = check_markov(args)
-    device = _device(args.device)
+    device = select_device(0, args.device)
     t0 = time.monotonic()
     with Partial(args.out, "repgeo relations markov") as partial:
         values, coords, record, counts = markov(args, ref, tokenizer, counted, vocab, device)

@@ -28,6 +28,7 @@ import numpy as np
 from .. import __version__
 from ..errors import UserError
 from ..runtime.partial import Partial
+from ..runtime.ranks import select_device
 from ..store.activations import source_identity
 from ..store.validate import require_consistent
 from .files import encode, load_sae, save_sae
@@ -175,16 +176,6 @@ def evaluate_sae(sae, layer: StoreLayer) -> dict:
             "mean_l0": active / n}
 
 
-def _device(setting: str) -> str:
-    import torch
-
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu or run on a GPU node")
-    return setting
-
-
 def train_sae(settings: TrainSettings) -> dict:
     """Train, save to ``settings.out`` (SAELens layout) and evaluate; returns the evaluation dict."""
     if os.path.exists(settings.out):
@@ -210,7 +201,7 @@ def _train_into(partial: str, settings: TrainSettings, layer, d_in: int, d_sae: 
     """Train and evaluate; save the SAE into the directory ``partial``. Returns (evaluation, start time)."""
     import torch
 
-    device = _device(settings.device)
+    device = select_device(0, settings.device)
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     scale, mean = _input_scale(layer, layer.prompts)
