@@ -282,6 +282,28 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("stores", nargs="+", help="the stores to merge, in the order their prompts are to appear")
     mg.add_argument("--out", required=True, help="the merged store to create (a directory)")
 
+    rp = sub.add_parser("reproduce", parents=[common],
+                        help="run a study's whole experiment (resumable) and report which of its findings hold")
+    rp.add_argument("study", choices=("token-geometry", "languages", "concepts", "models"),
+                    help="token-geometry, languages, concepts or models")
+    rp.add_argument("--out", help="the study's directory: stores, figures/, findings.json, report.md (default: "
+                                  "reproduce-STUDY); rerunning the same command continues it")
+    rp.add_argument("--model", help="model (alias, .gguf file or directory; default smollm2-135m); the models study "
+                                    "takes a comma-separated list (default smollm2-135m,gemma3-270m)")
+    rp.add_argument("--corpus", help="your prompt file (as extract --prompts) instead of the bundled corpus; it must "
+                                     "carry the labels the study needs")
+    rp.add_argument("--scale", choices=("tiny", "small", "full"), default="small",
+                    help="how much of the corpus: tiny (a smoke test), small (minutes on a laptop, default), full")
+    rp.add_argument("--min-tokens", type=_at_least(16),
+                    help="token-geometry and models: tokens per prompt (shorter prompts are dropped, longer cut; "
+                         "default 1024, 256 at --scale tiny)")
+    rp.add_argument("--scheduler", default="local", type=_scheduler,
+                    help="local, mpi (under mpiexec/srun: every rank extracts, then Dask on the ranks), or the "
+                         "address of a running scheduler")
+    rp.add_argument("--workers", type=POSITIVE, help="workers of the local cluster (default: one per core)")
+    rp.add_argument("--phase", choices=("all", "extract", "analyze"), default="all",
+                    help="all (default); extract: only the extraction stages (a GPU job); analyze: the rest")
+
     va = sub.add_parser("validate", parents=[common], help="check a store against its schema")
     va.add_argument("path")
     va.add_argument("--deep", action="store_true", help="also read every chunk (checksums, NaN padding)")
@@ -346,6 +368,12 @@ def _merge(args) -> int:
     return run_merge(args)
 
 
+def _reproduce(args) -> int:
+    from .reproduce.main import run_reproduce
+
+    return run_reproduce(args)
+
+
 def _validate(args) -> int:
     from .store.validate import validate_store
 
@@ -372,7 +400,7 @@ def _sae(args) -> int:
 
 
 COMMANDS = {"extract": _extract, "summarize": _summarize, "lens": _lens, "relations": _relations, "plot": _plot,
-            "sae": _sae, "subset": _subset, "merge": _merge, "validate": _validate, "info": _info}
+            "sae": _sae, "reproduce": _reproduce, "subset": _subset, "merge": _merge, "validate": _validate, "info": _info}
 
 
 def main(argv=None) -> int:
