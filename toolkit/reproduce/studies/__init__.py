@@ -27,3 +27,14 @@ def relative_depth(layers, last_layer: int):
     import numpy as np
 
     return np.asarray(layers, dtype=np.float64) / max(last_layer, 1)
+
+
+def mean_over(values, axis: int = 0):
+    """NaN-ignoring mean along ``axis``; NaN (without a warning) where a slice holds no finite value."""
+    import warnings
+
+    import numpy as np
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(values, axis=axis)

@@ -16,7 +16,7 @@ from ..corpora import speeches, user_corpus, write_prompts
 from ..findings import (NO_DATA, across_variants, correlation, decided_greater, decided_positive, paired_greater,
                         verdict_of)
 from ..stages import EXTRACT, Stage
-from . import model_specs, path, relative_depth
+from . import mean_over, model_specs, path, relative_depth
 
 TITLE = "the geometry of tokens"
 DESCRIPTION = ("Intrinsic dimension (GRIDE), neighbourhood overlap and cosine similarity of each prompt's token cloud "
@@ -53,12 +53,15 @@ def prepare(out: str, s: dict):
     write_prompts(path(out, "prompts.jsonl"), prompts_of(s))
 
 
-def measurement_stages(out: str, model: str, prompt_file: str, tokens: int, levels, tag: str = "") -> list:
-    """Extract (equal-length prompts at each shuffle level), then summarize with and without the first token."""
+def measurement_stages(out: str, model: str, prompt_file: str, tokens: int, levels, tag: str = "",
+                       dtype: str = "float16") -> list:
+    """Extract (equal-length prompts at each shuffle level, stored at ``dtype``), then summarize with and without the
+    first token."""
     store = path(out, f"activations{tag}.zarr")
     extract = Stage(f"extract{tag}", store, ("extract", "--model", model, "--prompts", prompt_file, "--out", store,
                                               "--max-tokens", str(tokens), "--min-tokens", str(tokens),
-                                              "--shuffle-levels", ",".join(map(str, levels)), "--seed", "0"),
+                                              "--shuffle-levels", ",".join(map(str, levels)), "--seed", "0",
+                                              "--dtype", dtype),
                     phase=EXTRACT)
     return [extract] + [Stage(f"summarize{tag} (first token {SKIP_NAMES[skip]})", results_path(out, skip, tag),
                               ("summarize", "--store", store, "--out", results_path(out, skip, tag),
@@ -89,8 +92,7 @@ def profile_peak(ids: np.ndarray, layers: np.ndarray, last_layer: int) -> dict |
     """The mean ID profile over prompts (rows) and its peak; None without a prompt or 3 finite layers."""
     if ids.shape[0] == 0:
         return None
-    with np.errstate(all="ignore"):
-        profile = np.nanmean(ids, axis=0) if np.isfinite(ids).any() else np.full(ids.shape[1], np.nan)
+    profile = mean_over(ids)
     finite = np.isfinite(profile)
     if finite.sum() < 3:
         return None
@@ -174,7 +176,7 @@ def findings(out: str, s: dict) -> list:
     for skip, ds in ds_by_skip.items():
         values = ds.overlap.sel(k=OVERLAP_K).isel(layer=slice(1, -1)).values[unshuffled]  # the last layer is NaN
         third = max(values.shape[1] // 3, 1)
-        early, late = np.nanmean(values[:, :third], axis=1), np.nanmean(values[:, -third:], axis=1)
+        early, late = mean_over(values[:, :third], axis=1), mean_over(values[:, -third:], axis=1)
         test = paired_greater(late, early)
         overlap[(OVERLAP_K, skip)] = (decided_greater(test), dict(
             {"early_mean": np.nanmean(early), "late_mean": np.nanmean(late), "layers_per_third": third},
