@@ -11,8 +11,8 @@
 #   REPGEO_CORPUS           --corpus: your prompt file with the labels the study needs   [the bundled corpus]
 #   REPGEO_SCALE            --scale: tiny, small or full                                               [small]
 #   REPGEO_REPRODUCE_ARGS   more reproduce options, e.g. "--min-tokens 2048"
-#   REPGEO_ANALYZE_SBATCH   sbatch options of the analysis job     [--gpus-per-node=0 --ntasks-per-node=4
-#                           (its ranks are the Dask workers)        --cpus-per-task=1 --time=04:00:00]
+#   REPGEO_ANALYZE_SBATCH   more sbatch options of the analysis job, after its defaults --gpus-per-node=0
+#                           --ntasks-per-node=4 --cpus-per-task=1 (its ranks are the Dask workers)
 #   REPGEO_MPI              srun's MPI plug-in: pmi2 for MPICH, pmix for Open MPI                       [pmi2]
 #   REPGEO_SRUN_ARGS        more srun options of the extraction, e.g. "--gpus-per-task=1"
 #   REPGEO                  the repgeo command                       [$SLURM_SUBMIT_DIR/.venv/bin/repgeo]
@@ -54,8 +54,8 @@ if [ "${SLURM_RESTART_COUNT:-0}" -eq 0 ]; then  # the first start, not a requeue
   # shellcheck disable=SC2086
   analyze=$(sbatch --parsable --export=ALL,REPGEO_PHASE=analyze --job-name=repgeo-analyze \
     --dependency="afterok:${SLURM_JOB_ID:?run this script with sbatch}" --kill-on-invalid-dep=yes \
-    ${REPGEO_ANALYZE_SBATCH:---gpus-per-node=0 --ntasks-per-node=4 --cpus-per-task=1 --time=04:00:00} \
-    --output="slurm-%x-%j.out" "$here/reproduce.sh") || exit 1
+    --gpus-per-node=0 --ntasks-per-node=4 --cpus-per-task=1 --output="slurm-%x-%j.out" \
+    ${REPGEO_ANALYZE_SBATCH:-} "$here/reproduce.sh") || exit 1
   echo "analyze ${analyze%%;*}"
 fi
 echo "[reproduce.sh] extraction job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_NTASKS:-?} tasks" >&2

@@ -380,3 +380,25 @@ def test_summarize_job_matches_the_local_scheduler(pipeline, work, run_repgeo):
             np.testing.assert_array_equal(a, b, err_msg=name)
     assert on_slurm["done"].values.all()
     assert np.isfinite(on_slurm["norm_mean"].values).all()
+
+
+def test_reproduce_script_extracts_on_ranks_then_its_analysis_job_writes_the_report(cluster, work):
+    """sbatch slurm/reproduce.sh: the extraction job (2 CPU-only ranks here) submits the analysis job with
+    afterok on itself; that one runs Dask on its ranks and writes findings.json and report.md."""
+    out = work / "reproduce-token-geometry"
+    job_id = sbatch("slurm/reproduce.sh", f"--output={work}/reproduce-%j.out", "--gpus-per-node=0",
+                    "--ntasks-per-node=2", REPGEO_STUDY="token-geometry", REPGEO_OUT=out, REPGEO_SCALE="tiny",
+                    REPGEO_ANALYZE_SBATCH=f"--ntasks-per-node=2 --output={work}/analyze-%j.out")
+    extract = wait_for(job_id, timeout=600)
+    log = (work / f"reproduce-{job_id}.out").read_text()
+    assert (extract["JobState"], extract["ExitCode"]) == ("COMPLETED", "0:0"), log[-5000:]
+    analyze_id = re.search(r"^analyze (\d+)$", log, re.M).group(1)
+    analyze = wait_for(analyze_id, timeout=600)
+    analyze_log = (work / f"analyze-{analyze_id}.out").read_text()
+    assert (analyze["JobState"], analyze["ExitCode"], analyze["NumTasks"]) == ("COMPLETED", "0:0", "2"), \
+        analyze_log[-5000:]
+    assert analyze["StartTime"] >= extract["EndTime"]
+    assert "1 rank(s)" not in log and "2 rank(s)" in log, log[-3000:]  # the extraction ran on both ranks
+    assert "2 workers" in analyze_log and "extract:" not in analyze_log, analyze_log[-3000:]  # the model never loaded
+    findings = (out / "findings.json").read_text()
+    assert '"study": "token-geometry"' in findings and (out / "report.md").is_file()

@@ -65,20 +65,22 @@ class _Timings:
 def _run(stages: list, timings, ranks=None, scheduler=None, workers=None) -> list:
     """Run every stage that is not complete, in order; every rank takes part (the root decides what is
     complete). Returns the names of the stages that ran."""
-    ran = []
+    ran, root = [], ranks is None or ranks.is_root
     for i, stage in enumerate(stages, 1):
         complete = is_complete(stage.out)
         if ranks is not None:
             complete = ranks.comm.bcast(complete, root=0)
         if complete:
-            _log(f"{stage.name}: complete, skipped")
+            if root:
+                _log(f"{stage.name}: complete, skipped")
             continue
-        _log(f"{stage.name} ({i}/{len(stages)}): repgeo {' '.join(stage.argv)}")
+        if root:
+            _log(f"{stage.name} ({i}/{len(stages)}): repgeo {' '.join(stage.argv)}")
         t0 = time.monotonic()
         run_stage(stage, scheduler, workers)
         if ranks is not None:
             ranks.comm.Barrier()
-        if ranks is None or ranks.is_root:
+        if root:
             timings.record(stage.name, time.monotonic() - t0)
         ran.append(stage.name)
     return ran
@@ -131,7 +133,11 @@ def run_reproduce(args) -> int:
                         f"{args.study} --phase extract (or --phase all) first")
     ran += _analysis([s for s in stages if s.phase == ANALYZE], timings, args.scheduler, args.workers, ranks)
     if root:
-        _conclude(out, args.study, study, settings, timings, bool(ran))
+        import dask
+
+        # the stores are read here, in this process: not through a Dask cluster that dask-mpi left as the default
+        with dask.config.set(scheduler="synchronous"):
+            _conclude(out, args.study, study, settings, timings, bool(ran))
     return 0
 
 
