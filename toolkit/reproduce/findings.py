@@ -101,6 +101,11 @@ def decided_positive(corr: dict | None) -> str:
                       and corr["spearman_p"] < ALPHA)
 
 
+def no_data(claim: str, rule: str, reason: str) -> Finding:
+    """A finding the data cannot decide under any variant, with the reason as its numbers."""
+    return Finding(claim, NO_DATA, {"reason": reason}, [], rule)
+
+
 def across_variants(claim: str, rule: str, outcomes: dict, primary, axes: dict) -> Finding:
     """One finding from its outcome under every analysis variant.
 

@@ -38,3 +38,12 @@ def mean_over(values, axis: int = 0):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(values, axis=axis)
+
+
+def gride_variants(ds_by_skip: dict) -> list:
+    """The (n2, skip) analysis variants of results stores by --skip-tokens value: every GRIDE scale with a finite
+    value."""
+    import numpy as np
+
+    return [(int(n2), skip) for skip, ds in ds_by_skip.items() for n2 in ds.n2.values
+            if np.isfinite(ds.gride_id.sel(n2=n2).values).any()]

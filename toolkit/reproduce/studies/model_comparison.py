@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from ..findings import NO_DATA, Finding, across_variants, clean, verdict_of
+from ..findings import NO_DATA, Finding, across_variants, no_data, verdict_of
 from . import mean_over, model_specs, path, relative_depth
 from .token_geometry import (AXES, PEAK_CLAIM, PEAK_RULE, PRIMARY_N2, SCALES, SKIP_NAMES, SKIPS, measurement_stages,
                              open_results, peak_outcome)
@@ -75,7 +75,7 @@ def findings(out: str, s: dict) -> list:
                     for skip in SKIPS for n2 in _scales(ds_by_skip[skip])}
         primary = (PRIMARY_N2, 0)
         if primary not in outcomes:
-            results.append(Finding(f"{model}: {PEAK_CLAIM}", NO_DATA, {}, [], PEAK_RULE))
+            results.append(no_data(f"{model}: {PEAK_CLAIM}", PEAK_RULE, f"no GRIDE value at n2 = {PRIMARY_N2}"))
             continue
         results.append(across_variants(f"{model}: {PEAK_CLAIM}", PEAK_RULE, outcomes, primary, AXES))
     results.append(_order_finding(by_model))
@@ -104,7 +104,7 @@ def _order_finding(by_model: dict) -> Finding:
         tau = stats.kendalltau([ids[m] for m in usable], [bpc[m] for m in usable]).statistic
         outcomes[(n2, skip)] = (verdict_of(tau == 1), dict(numbers, kendall_tau=tau))
     if (PRIMARY_N2, 0) not in outcomes:
-        return Finding(ORDER_CLAIM, NO_DATA, clean({"models": list(by_model)}), [], ORDER_RULE)
+        return no_data(ORDER_CLAIM, ORDER_RULE, f"no GRIDE value at n2 = {PRIMARY_N2}")
     return across_variants(ORDER_CLAIM, ORDER_RULE, outcomes, (PRIMARY_N2, 0), AXES)
 
 

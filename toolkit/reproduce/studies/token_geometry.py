@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..corpora import speeches, user_corpus, write_prompts
-from ..findings import (NO_DATA, across_variants, correlation, decided_greater, decided_positive, paired_greater,
-                        verdict_of)
+from ..findings import (NO_DATA, across_variants, correlation, decided_greater, decided_positive, no_data,
+                        paired_greater, verdict_of)
 from ..stages import EXTRACT, Stage
-from . import mean_over, model_specs, path, relative_depth
+from . import gride_variants, mean_over, model_specs, path, relative_depth
 
 TITLE = "the geometry of tokens"
 DESCRIPTION = ("Intrinsic dimension (GRIDE), neighbourhood overlap and cosine similarity of each prompt's token cloud "
@@ -116,12 +116,6 @@ PEAK_RULE = (f"holds when the peak of the mean ID profile over the unshuffled pr
              f"first and before the last layer, at a relative depth ≤ {PEAK_DEPTH}")
 
 
-def _variants(ds_by_skip: dict) -> list:
-    """(n2, skip) pairs with any finite GRIDE value."""
-    return [(int(n2), skip) for skip, ds in ds_by_skip.items() for n2 in ds.n2.values
-            if np.isfinite(ds.gride_id.sel(n2=n2).values).any()]
-
-
 AXES = {"n2": lambda v: v[0], "first token": lambda v: SKIP_NAMES[v[1]]}
 
 
@@ -133,7 +127,7 @@ def findings(out: str, s: dict) -> list:
     level = ds0.shuffle_level.values
     loss = ds0.loss.values.astype(np.float64)
     unshuffled = level == 0
-    variants = _variants(ds_by_skip)
+    variants = gride_variants(ds_by_skip)
     primary = (PRIMARY_N2, 0) if (PRIMARY_N2, 0) in variants else (variants[0] if variants else None)
 
     def each(outcome) -> dict:
@@ -167,8 +161,8 @@ def findings(out: str, s: dict) -> list:
 
     results = []
     if primary is None:
-        results += [_no_data(c, r) for c, r in ((PEAK_CLAIM, PEAK_RULE), (GROWTH_CLAIM, GROWTH_RULE),
-                                                 (LOSS_CLAIM, LOSS_RULE))]
+        results += [no_data(c, r, "no GRIDE value at any scale") for c, r in ((PEAK_CLAIM, PEAK_RULE),
+                                                                              (GROWTH_CLAIM, GROWTH_RULE))]
     else:
         results.append(across_variants(PEAK_CLAIM, PEAK_RULE, each(peak), primary, AXES))
         results.append(across_variants(GROWTH_CLAIM, GROWTH_RULE, each(growth), primary, AXES))
@@ -183,15 +177,9 @@ def findings(out: str, s: dict) -> list:
             **(test or {})))
     results.append(across_variants(OVERLAP_CLAIM, OVERLAP_RULE, overlap, (OVERLAP_K, 0),
                                    {"k": lambda v: v[0], "first token": lambda v: SKIP_NAMES[v[1]]}))
-    if primary is not None:
-        results.append(across_variants(LOSS_CLAIM, LOSS_RULE, each(id_loss), primary, AXES))
+    results.append(no_data(LOSS_CLAIM, LOSS_RULE, "no GRIDE value at any scale") if primary is None else
+                   across_variants(LOSS_CLAIM, LOSS_RULE, each(id_loss), primary, AXES))
     return results
-
-
-def _no_data(claim: str, rule: str):
-    from ..findings import Finding
-
-    return Finding(claim, NO_DATA, {}, [], rule)
 
 
 GROWTH_CLAIM = "The ID peak grows with the shuffle level"
