@@ -34,17 +34,21 @@ def _short(numbers: dict, limit: int = 6) -> str:
 
 
 def _elsewhere(numbers: dict, verdict: str) -> str:
-    """Which other variants give another verdict, e.g. "does not hold at n2 32, first token kept"."""
+    """Which other variants give another verdict, e.g. "does not hold at n2 16, 32 (first token kept)"."""
     by_variant = numbers.get("by_variant", {})
+    if len(by_variant) <= 1:
+        return "—"
     other = {}
     for variant, outcome in by_variant.items():
         if outcome["verdict"] != verdict:
-            other.setdefault(outcome["verdict"], []).append(variant)
-    if not by_variant or len(by_variant) == 1:
-        return "—"
+            first, _, rest = variant.partition(", ")  # grouped by the other axes: "n2 16, 32 (first token kept)"
+            axis, _, value = first.rpartition(" ")
+            other.setdefault(outcome["verdict"], {}).setdefault((axis, rest), []).append(value)
     if not other:
         return f"the same in all {len(by_variant)} variants"
-    return " · ".join(f"{v} at {'; '.join(variants)}" for v, variants in other.items())
+    return " · ".join(f"{v} at " + "; ".join(f"{axis} {', '.join(values)}" + (f" ({rest})" if rest else "")
+                                             for (axis, rest), values in groups.items())
+                      for v, groups in other.items())
 
 
 def report_markdown(document: dict, title: str, description: str, elapsed: dict) -> str:
