@@ -234,6 +234,6 @@ def id_loss_figure(out: str):
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("Pearson r (log ID, mean loss)")
     if axes[1].get_legend_handles_labels()[0]:
-        axes[1].legend(fontsize=7, loc="best")
+        fig.legend(*axes[1].get_legend_handles_labels(), loc="outside right upper", fontsize=7)
     fig.suptitle("ID–loss correlation per layer over the unshuffled prompts", fontsize=10)
     return fig
