@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from toolkit.extract.plan import block_permutation, shuffle_blocks
+from toolkit.shuffle import block_permutation, shuffle_blocks
 
 LEVELS = (0, 1, 2)
 MAX_TOKENS = 60

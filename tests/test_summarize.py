@@ -301,7 +301,9 @@ def assert_results_layout(results, store, run_repgeo, by: str, parameters: dict)
     code, out, err = run_repgeo("info", results)
     assert code == 0, err
     variables = next(line for line in out.splitlines() if line.strip().startswith("variables")).split(None, 1)[1]
-    assert set(variables.split(", ")) == {name for name, dims in plain["dims"].items() if "layer" in dims} - {"layer"}
+    per_prompt = {"bpc"} & set(plain["dims"])  # bpc is on prompt alone
+    assert set(variables.split(", ")) == {name for name, dims in plain["dims"].items() if "layer" in dims} - {
+        "layer"} | per_prompt
     assert f"complete   {n_prompts}/{n_prompts} prompts done" in out and "groups done" in out
 
 
@@ -319,7 +321,7 @@ PER_FAMILY = 4
 N_PROMPTS = PER_FAMILY * len(FAMILIES)
 N_LAYERS = 3
 GROUP_SIZE = 1000  # of ~2100-2600 pooled tokens per family: every pool is subsampled
-ALL_PROMPT_OBSERVABLES = ["gride", "twonn", "overlap", "cosine", "anisotropy", "reciprocity", "norm"]
+ALL_PROMPT_OBSERVABLES = ["gride", "twonn", "overlap", "cosine", "anisotropy", "reciprocity", "norm", "bpc"]
 
 
 def family_of(prompt: int) -> str:

@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="observables of every (prompt, layer) cloud and of label groups → results store")
     su.add_argument("--store", required=True, help="the activation store (from repgeo extract)")
     su.add_argument("--out", required=True, help="the results store to create (a directory)")
-    su.add_argument("--observables", help="comma-separated subset of: gride, twonn, overlap, cosine, anisotropy, "
+    su.add_argument("--observables", help="comma-separated subset of: gride, twonn, overlap, cosine, anisotropy, bpc, "
                                           "reciprocity, norm, contributions, group_gride, group_anisotropy, group_kl "
                                           "(default: the per-prompt ones but contributions, plus the group ones with "
                                           "--groupby)")

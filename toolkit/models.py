@@ -259,18 +259,36 @@ def model_of_store(attrs: dict, model: str | None, store: str) -> ModelRef:
     by the sha256 of its weights. Raises UserError naming both digests when they differ."""
     recorded = attrs["model"]
     if model is None:
-        if recorded["id"] in ALIASES:
-            model = recorded["id"]
-        elif recorded.get("gguf_file"):
-            model = os.path.join(recorded["location"], recorded["gguf_file"])
-        else:
-            model = recorded["location"]
-        if recorded["id"] not in ALIASES and not os.path.exists(model):
-            raise UserError(f"the model {store} was extracted with is not at {model} on this machine; give its "
-                            f"files with --model PATH")
+        model = recorded_model(recorded, store, "give its files with --model PATH")
     ref = resolve_model(model)
     found, wanted = weights_sha256(ref), recorded.get("weights_sha256")
     if wanted is not None and found != wanted:
         raise UserError(f"the weights of {model} (sha256 {str(found)[:16]}…) are not those {store} was extracted "
                         f"with (sha256 {wanted[:16]}…); give the original model with --model PATH")
     return ref
+
+
+def recorded_model(recorded: dict, store: str, advice: str) -> str:
+    """The model argument that finds the model a store records (its ``model`` attribute): its alias, or its
+    recorded location (the GGUF file in it); UserError ending in ``advice`` when that is not on this machine."""
+    if recorded["id"] in ALIASES:
+        return recorded["id"]
+    if not recorded.get("location"):
+        raise UserError(f"{store} records no location of its model {recorded['id']}; {advice}")
+    model = os.path.join(recorded["location"], recorded["gguf_file"]) if recorded.get("gguf_file") else \
+        recorded["location"]
+    if not os.path.exists(model):
+        raise UserError(f"the model {store} was extracted with is not at {model} on this machine; {advice}")
+    return model
+
+
+def tokenizer_of_store(attrs: dict, store: str, advice: str):
+    """The tokenizer a store was extracted with (``attrs``: its root attributes), loaded from the model files it
+    records and checked by its fingerprint; the weights are neither loaded nor hashed. UserError ending in
+    ``advice`` when the files are not there or hold another tokenizer."""
+    model = recorded_model(attrs["model"], store, advice)
+    tokenizer = load_tokenizer(resolve_model(model))
+    if tokenizer_fingerprint(tokenizer) != attrs.get("tokenizer_fingerprint"):
+        raise UserError(f"the tokenizer at {model} is not the one {store} was extracted with (its fingerprint "
+                        f"differs); {advice}")
+    return tokenizer

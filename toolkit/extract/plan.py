@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import UserError
+from ..shuffle import block_permutation, leading_specials, shuffle_blocks
 
 
 @dataclass
@@ -32,31 +33,6 @@ class Plan:
     @property
     def n_tokens(self) -> np.ndarray:
         return np.array([len(p.input_ids) for p in self.prompts], dtype=np.int32)
-
-
-def block_permutation(n_blocks: int, seed: int, source: int, level: int) -> np.ndarray:
-    """A seeded permutation of ``n_blocks`` blocks that is never the identity (when n_blocks > 1)."""
-    rng = np.random.default_rng([seed, source, level])
-    while True:
-        order = rng.permutation(n_blocks)
-        if n_blocks == 1 or not np.array_equal(order, np.arange(n_blocks)):
-            return order
-
-
-def shuffle_blocks(ids: np.ndarray, n_blocks: int, order: np.ndarray) -> np.ndarray:
-    """Cut ``ids`` (token,) into ``n_blocks`` near-equal consecutive blocks and reassemble them in ``order``.
-
-    Block sizes differ by at most one token (``np.array_split``), so every level keeps all tokens.
-    """
-    blocks = np.array_split(ids, n_blocks)
-    return np.concatenate([blocks[i] for i in order])
-
-
-def _leading_specials(ids: np.ndarray, special_ids: set) -> int:
-    n = 0
-    while n < len(ids) and int(ids[n]) in special_ids:
-        n += 1
-    return n
 
 
 def first_token_id(tokenizer, token: str | None) -> int:
@@ -99,7 +75,7 @@ def make_plan(source, tokenizer, *, min_tokens=None, max_tokens=None, shuffle_le
         if not shuffle_levels:
             prompts.append(PlannedPrompt(ids, prompt.text, dict(prompt.labels)))
             continue
-        head = _leading_specials(ids, special_ids)
+        head = leading_specials(ids, special_ids)
         for level in shuffle_levels:
             n_blocks = 4 ** level
             body = ids[head:]

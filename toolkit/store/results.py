@@ -36,6 +36,9 @@ VARIABLES = {
     "nn_reciprocity": (("prompt", "layer"), "float64", "share of points that are their nearest neighbour's"),
     "nn_cosine": (("prompt", "layer"), "float64", "mean cosine between the vectors to the two nearest neighbours"),
     "norm_mean": (("prompt", "layer"), "float64", "mean Euclidean norm (hidden-state units)"),
+    "bpc": (("prompt",), "float64",
+            "bits per character: sum of token_loss / ln 2 over the predicted text tokens (positions 1 … n_tokens-1) "
+            "divided by the characters of the text they cover; NaN where the text or the tokenizer is unavailable"),
     "knn_index": (("prompt", "layer", "token", "neighbor"), "int32", "nearest neighbours, self excluded (-1: none)"),
     "knn_distance": (("prompt", "layer", "token", "neighbor"), "float64", "float64 Euclidean distance"),
     "distances": (("prompt", "layer", "token", "token_b"), None,

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import UserError
 
-#: Per-(prompt, layer) observables → the results variables they fill.
+#: Per-prompt observables (per (prompt, layer) but bpc and contributions) → the results variables they fill.
 PROMPT_OBSERVABLES = {
     "gride": ("gride_id", "gride_err", "gride_scale", "n_unique"),
     "twonn": ("twonn_id", "n_unique"),
@@ -17,6 +17,7 @@ PROMPT_OBSERVABLES = {
     "anisotropy": ("anisotropy",),
     "reciprocity": ("nn_reciprocity", "nn_cosine"),
     "norm": ("norm_mean",),
+    "bpc": ("bpc",),  # per prompt, not per layer: the client computes it from the store's losses and texts
     "contributions": ("contrib_corr", "contrib_corr_p", "head_norm_mean"),
 }
 #: Per-(group, layer) observables, computed with --groupby.

@@ -18,6 +18,7 @@ from ..store.info import LAYOUT
 from ..store.validate import require_consistent
 from ..store.zarr_io import consolidate
 from ..store.results import NAMES, VARIABLES, create_results_store, open_results_group, write_prompt_results
+from .bpc import store_bpc
 from .cloud import empty_prompt_results
 from .params import GROUP_OBSERVABLES, PROMPT_OBSERVABLES, SummarizeParams
 from .tasks import group_task, group_values, prompt_task, store_group_members
@@ -29,8 +30,9 @@ def _log(msg: str):
 
 def _variables(params, n_layers: int) -> list:
     names = list(empty_prompt_results(params, n_layers, 1))
-    if params.wants("contributions"):
-        names += list(PROMPT_OBSERVABLES["contributions"])
+    for obs_name in ("contributions", "bpc"):
+        if params.wants(obs_name):
+            names += list(PROMPT_OBSERVABLES[obs_name])
     for obs_name, variables in GROUP_OBSERVABLES.items():
         if params.wants(obs_name):
             names += list(variables)
@@ -112,9 +114,12 @@ def summarize(store: str, out: str, params: SummarizeParams, client, groups) -> 
     t0 = time.monotonic()
     # Results are written and released one at a time: workers never keep finished ones (--save-knn is large).
     tasks = client.map(prompt_task, [store] * len(todo), todo, params=params, out=os.path.abspath(out), pure=False)
+    # bpc here, on the client, while the workers compute: one tokenizer load, one encoding per prompt
+    bpc = store_bpc(store, source, todo, _log) if params.wants("bpc") else {}
     for _, (prompt, values) in completed(tasks, [1] * len(todo), _log, "summarize", "prompts"):
         # loss too: the copy made at creation lacks the prompts extracted since (a resumed partial store)
-        write_prompt_results(results, prompt, dict(values, loss=source_loss[prompt]))
+        extra = {"bpc": bpc[prompt]} if params.wants("bpc") else {}
+        write_prompt_results(results, prompt, dict(values, loss=source_loss[prompt], **extra))
 
     if groups and not results.attrs.get("groups_done") and not source_done.all():
         # Pools of a partial store would differ from the final ones (and may lack the reference group): wait.

@@ -16,7 +16,7 @@ from .cloud import contribution_observables, group_observables, prompt_observabl
 from .params import PROMPT_OBSERVABLES
 
 #: The observables computed from the hidden states' point clouds.
-GEOMETRY = [name for name in PROMPT_OBSERVABLES if name != "contributions"]
+GEOMETRY = [name for name in PROMPT_OBSERVABLES if name not in ("contributions", "bpc")]
 
 
 def prompt_task(store: str, prompt: int, params, out: str | None = None) -> tuple:
