@@ -19,7 +19,6 @@ import numpy as np
 
 from ...errors import UserError
 from ...prompts import Prompt
-from ...summarize.params import GROUP_OBSERVABLES, PROMPT_OBSERVABLES
 from ..corpora import UDHR, udhr, user_corpus, word_shuffled, write_prompts
 from ..findings import ALPHA, NO_DATA, across_variants, no_data, correlation, decided_greater, paired_greater, verdict_of
 from ..stages import EXTRACT, Stage
@@ -51,9 +50,8 @@ SHAPE_R = 0.9
 SIGN_MINIMUM = 6
 #: Prompts per side a Mann–Whitney test needs before p can fall below 5 % (with 3 and 3 the least p is 0.1).
 MANN_WHITNEY_MINIMUM = 4
-#: Per-prompt observables and the KL of each variety from English; bpc where this summarize computes it.
-OBSERVABLES = ",".join(name for name in ("gride", "anisotropy", "bpc", "group_kl")
-                       if name in PROMPT_OBSERVABLES or name in GROUP_OBSERVABLES)
+#: Per-prompt observables and the KL of each variety from English.
+OBSERVABLES = "gride,anisotropy,bpc,group_kl"
 #: The one analysis axis of the findings that use no GRIDE (their variants are the --skip-tokens values).
 FIRST_TOKEN = {"first token": lambda v: SKIP_NAMES[v]}
 
