@@ -65,7 +65,7 @@ def measurement_stages(out: str, model: str, prompt_file: str, tokens: int, leve
                     phase=EXTRACT)
     return [extract] + [Stage(f"summarize{tag} (first token {SKIP_NAMES[skip]})", results_path(out, skip, tag),
                               ("summarize", "--store", store, "--out", results_path(out, skip, tag),
-                               "--observables", "gride,overlap,cosine", "--skip-tokens", str(skip)), cluster=True)
+                               "--observables", "gride,overlap,cosine,bpc", "--skip-tokens", str(skip)), cluster=True)
                         for skip in SKIPS]
 
 
