@@ -295,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--scale", choices=("tiny", "small", "full"), default="small",
                     help="how much of the corpus: tiny (a smoke test), small (minutes on a laptop, default), full")
     rp.add_argument("--min-tokens", type=_at_least(16),
-                    help="token-geometry and models: tokens per prompt (shorter prompts are dropped, longer cut; "
-                         "default 1024, 256 at --scale tiny)")
+                    help="token-geometry, models and concepts: tokens per prompt (shorter prompts are dropped, "
+                         "longer cut; default: the study's at that --scale)")
     rp.add_argument("--scheduler", default="local", type=_scheduler,
                     help="local, mpi (under mpiexec/srun: every rank extracts, then Dask on the ranks), or the "
                          "address of a running scheduler")
@@ -400,7 +400,8 @@ def _sae(args) -> int:
 
 
 COMMANDS = {"extract": _extract, "summarize": _summarize, "lens": _lens, "relations": _relations, "plot": _plot,
-            "sae": _sae, "reproduce": _reproduce, "subset": _subset, "merge": _merge, "validate": _validate, "info": _info}
+            "sae": _sae, "reproduce": _reproduce, "subset": _subset, "merge": _merge, "validate": _validate,
+            "info": _info}
 
 
 def main(argv=None) -> int:

@@ -292,3 +292,15 @@ def tokenizer_of_store(attrs: dict, store: str, advice: str):
         raise UserError(f"the tokenizer at {model} is not the one {store} was extracted with (its fingerprint "
                         f"differs); {advice}")
     return tokenizer
+
+
+def model_shape(ref) -> tuple:
+    """(blocks, vocabulary rows) from the model's config, read without loading its weights."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(ref.location, **ref.load_kwargs())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the config of model {ref.name}: {str(e).strip().splitlines()[0]}") from None
+    config = config.get_text_config()
+    return int(config.num_hidden_layers), int(config.vocab_size)

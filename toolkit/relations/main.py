@@ -14,8 +14,8 @@ import numpy as np
 
 from .. import __version__
 from ..errors import UserError
-from ..models import (load_model, load_tokenizer, model_description, resolve_model, tokenizer_fingerprint,
-                      weights_sha256)
+from ..models import (load_model, load_tokenizer, model_description, model_shape, resolve_model,
+                      tokenizer_fingerprint, weights_sha256)
 from ..observables.relations import (PREDICTORS, agreement, bigram_counts, crystal_relations, fit_split, most_frequent,
                                      top_successors)
 from ..runtime.layers import parse_layers
@@ -68,18 +68,6 @@ def parse_spaces(text: str) -> tuple:
     return tuple(s for s in SPACES if s in chosen)
 
 
-def _model_shape(ref) -> tuple:
-    """(blocks, vocabulary rows) from the model's config, read without loading its weights."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(ref.location, **ref.load_kwargs())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the config of model {ref.name}: {str(e).strip().splitlines()[0]}") from None
-    config = config.get_text_config()
-    return int(config.num_hidden_layers), int(config.vocab_size)
-
-
 def _model_record(ref, model, tokenizer) -> dict:
     tied = model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()
     return dict(model_description(ref, model), weights_sha256=weights_sha256(ref),
@@ -112,7 +100,7 @@ def check_analogies(args) -> tuple:
                         f"(LDA finds at most relations - 1 directions); {pairs.path} has {len(pairs.relations)}: "
                         f"pass --lda-components {max(1, len(pairs.relations) - 1)}")
     ref = resolve_model(args.model)
-    n_blocks, vocab = _model_shape(ref)
+    n_blocks, vocab = model_shape(ref)
     layers = tuple(parse_layers(args.layers, n_blocks + 1)) if "hidden" in spaces else ()
     tokenizer = load_tokenizer(ref)
     words = encode_words(tokenizer, pairs.words, args.template, args.model)
@@ -288,7 +276,7 @@ def check_markov(args) -> tuple:
     ref = resolve_model(args.model)
     tokenizer = load_tokenizer(ref)
     sequences, special = corpus_sequences(corpus, tokenizer, args.model)
-    _, vocab = _model_shape(ref)
+    _, vocab = model_shape(ref)
     if max((int(s.max()) for s in sequences if len(s)), default=-1) >= vocab:
         raise UserError(f"--corpus {args.corpus} holds token ids beyond the vocabulary of {args.model} ({vocab}); "
                         f"give the model it was extracted with")

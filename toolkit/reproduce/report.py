@@ -57,7 +57,8 @@ def report_markdown(document: dict, title: str, description: str, elapsed: dict)
     lines += [f"- **{k}**: {v}" for k, v in s.items()]
     if elapsed:
         lines += ["", "Time each stage took when it ran: " + ", ".join(f"{k} {v:.0f} s" for k, v in elapsed.items())]
-    lines += ["", "## Findings", "", "| # | claim | verdict | numbers (study's own choices) | depends on | other variants |",
+    lines += ["", "## Findings", "",
+              "| # | claim | verdict | numbers (study's own choices) | depends on | other variants |",
               "|---|---|---|---|---|---|"]
     for i, f in enumerate(document["findings"], 1):
         numbers = f["numbers"]

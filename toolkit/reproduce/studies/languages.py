@@ -20,7 +20,8 @@ import numpy as np
 from ...errors import UserError
 from ...prompts import Prompt
 from ..corpora import UDHR, udhr, user_corpus, word_shuffled, write_prompts
-from ..findings import ALPHA, NO_DATA, across_variants, no_data, correlation, decided_greater, paired_greater, verdict_of
+from ..findings import (ALPHA, NO_DATA, across_variants, correlation, decided_greater, no_data, paired_greater,
+                        verdict_of)
 from ..stages import EXTRACT, Stage
 from . import gride_variants, model_specs, path
 from .token_geometry import AXES, PRIMARY_N2, SKIP_NAMES, SKIPS, open_results, results_path

@@ -59,9 +59,10 @@ def _scales(ds) -> list:
     return [int(n2) for n2 in ds.n2.values if np.isfinite(ds.gride_id.sel(n2=n2).values).any()]
 
 
-ORDER_CLAIM = "Lower ID, better model: the model with the lower mean ID predicts the text better (fewer bits per character)"
-ORDER_RULE = ("holds when ordering the models by mean ID (prompts × layers 1 … L) gives the same order as by mean bits "
-              "per character (every pair of models concordant: Kendall τ = 1); needs at least two models")
+ORDER_CLAIM = ("Lower ID, better model: the model with the lower mean ID predicts the text better (fewer bits per "
+               "character)")
+ORDER_RULE = ("holds when ordering the models by mean ID (prompts × layers 1 … L) gives the same order as by mean "
+              "bits per character (every pair of models concordant: Kendall τ = 1); needs at least two models")
 
 
 def findings(out: str, s: dict) -> list:
