@@ -7,8 +7,8 @@ The study's own choices followed here: co-occurrence of SAE features within bloc
 full``; smaller blocks at the smaller scales, whose corpora would give too few blocks), the five affinities
 (simple matching, Jaccard, Dice, overlap, phi), spectral clustering into lobes, adjusted mutual information (AMI)
 between lobes and k-means clusters of the decoder directions and a logistic regression predicting the lobe from the
-decoder direction, compared over a range of lobe counts; lobes measured at a middle layer (the study's: Gemma-2-2b
-layer 12 of 26); the galaxy claims about the point cloud of SAE features, i.e. the decoder directions, across
+decoder direction, compared over a range of lobe counts; lobes measured at a middle layer (as the study did, on
+Gemma-2-2b); the galaxy claims about the point cloud of SAE features, i.e. the decoder directions, across
 layers. Its SAEs were pretrained (Gemma Scope, 16k features); here they are trained on the study's corpus.
 """
 
