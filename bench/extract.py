@@ -7,7 +7,8 @@ Same prompts, same model, same batch size, same threads, run one after another (
            its own timer covers the compute-and-write loop, so model loading is excluded as for the others.
 - npsave:  one prompt at a time, hidden states as float32 numpy, one `np.save` per prompt (the notebooks' way).
 - contributions: the real CLI with `--contributions` (head, attention and MLP writes, flow to the last token:
-           eager attention and hooks), and with `--contributions --flow-gradients` (one backward pass per target).
+           SDPA plus the attention weights, and hooks), and with `--contributions --flow-gradients` (one backward
+           pass per target).
 
 Prints seconds, tokens/s, the ratio to the bare forward, bytes on disk per stored value, and, for the
 contributions runs, their ratio to the plain repgeo run and the bytes they add per prompt.

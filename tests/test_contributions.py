@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from toolkit.extract.attention import NAME, WANTS, sdpa_with_weights, use_weights_attention, want_weights
 from toolkit.extract.contributions import ContributionRecorder, FlowSettings, gradient_norms
 from toolkit.observables.flow import attention_flow, mix_heads, write_share
 
@@ -42,10 +43,15 @@ def tiny_gemma():
     return str(build_atomically(CACHE / "tiny-gemma3-v1", lambda d: tiny_gemma3(d, train_tiny_tokenizer())))
 
 
-def load(directory, dtype=torch.float32):
+def load(directory, dtype=torch.float32, attention="eager"):
+    """The model in eval mode without weight gradients and its tokenizer; attention "eager", "sdpa" or `NAME`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="eager").eval()
+    if attention == NAME:
+        use_weights_attention(model)
+    elif attention != "eager":
+        model.set_attn_implementation(attention)
     model.requires_grad_(False)
     return model, AutoTokenizer.from_pretrained(directory)
 
@@ -114,6 +120,101 @@ def test_recorded_writes_are_what_each_block_adds(which, tiny_model, tiny_gemma)
         np.testing.assert_allclose(recorder.records[b]["attention"][0], out.attentions[b][0].mean(0).numpy(),
                                    atol=1e-6)
     assert np.allclose(arrays["flow"].sum(-1), 1, atol=1e-5)
+
+
+def padded_batch(tokenizer, lengths):
+    """Right-padded ids and attention mask of TEXT's first ``lengths`` tokens, as `forward_batch` builds them."""
+    ids = tokenizer(TEXT)["input_ids"]
+    batch = torch.zeros((len(lengths), max(lengths)), dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for i, n in enumerate(lengths):
+        batch[i, :n], mask[i, :n] = torch.tensor(ids[:n]), 1
+    return batch, mask
+
+
+@pytest.mark.parametrize("which", ["llama", "gemma"])
+@pytest.mark.parametrize("lengths", [(None,), (5,), (None, 5, 12)])
+def test_weights_attention_gives_eager_weights_and_sdpa_hidden_states(which, lengths, tiny_model, tiny_gemma):
+    """The weights equal eager's ``output_attentions`` (causal mask built here or passed in, Gemma 3's sliding window
+    of 8 tokens, padding, grouped-query heads) and the hidden states equal SDPA's."""
+    directory = tiny_model if which == "llama" else tiny_gemma
+    eager, tokenizer = load(directory)
+    sdpa, _ = load(directory, attention="sdpa")
+    fast, _ = load(directory, attention=NAME)
+    lengths = [len(tokenizer(TEXT)["input_ids"]) if n is None else n for n in lengths]  # None: all of TEXT
+    ids, mask = padded_batch(tokenizer, lengths)
+    weights = {}  # copies: each block's weights are overwritten by the next block's (one buffer)
+    handles = [block.self_attn.register_forward_hook(
+        lambda m, a, out, b=b: weights.__setitem__(b, None if out[1] is None else out[1].clone()))
+        for b, block in enumerate(fast.model.layers)]
+    attentions = [block.self_attn for block in fast.model.layers]
+    with torch.no_grad():
+        want_weights(attentions, False)  # off: plain SDPA, no weights
+        fast(input_ids=ids, attention_mask=mask)
+        assert len(weights) == len(attentions) and all(w is None for w in weights.values())
+        want_weights(attentions, True)
+        got = fast(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        reference = eager(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+        plain = sdpa(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    for h in handles:
+        h.remove()
+    for b, expected in enumerate(reference.attentions):
+        assert weights[b].dtype == torch.float32 and weights[b].shape == expected.shape
+        np.testing.assert_allclose(weights[b].double().numpy(), expected.double().numpy(), rtol=0, atol=1e-6)
+    if which == "gemma" and lengths[0] > fast.config.sliding_window:  # the window is in the weights
+        beyond = torch.ones(lengths[0], lengths[0], dtype=torch.bool).tril(-fast.config.sliding_window)
+        assert (reference.attentions[0][0][:, beyond] == 0).all() and (weights[0][0][:, beyond] == 0).all()
+    for computed, same, close in zip(got.hidden_states, plain.hidden_states, reference.hidden_states):
+        for i, n in enumerate(lengths):
+            torch.testing.assert_close(computed[i, :n], same[i, :n], rtol=0, atol=0)  # SDPA's own call
+            torch.testing.assert_close(computed[i, :n], close[i, :n], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("masking", ["causal by SDPA", "boolean", "additive"])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_weights_attention_function_equals_eager_attention_function(masking, softcap):
+    """The function itself against transformers' eager one (Gemma 3's, which takes a soft cap), on grouped-query
+    heads with a padded row, a scaling that is not a power of 2, and each kind of mask; its buffers are reused."""
+    from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.head_dim = 2, True, 8
+    q, k, v = torch.randn(2, 4, 10, 8), torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)
+    allowed = torch.ones(10, 10, dtype=torch.bool).tril().expand(2, 1, 10, 10).clone()
+    if masking != "causal by SDPA":
+        allowed[1, :, :, 7:] = False  # the second row is 7 tokens long
+    additive = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
+    mask = {"causal by SDPA": None, "boolean": allowed, "additive": additive}[masking]
+    expected_output, expected = eager_attention_forward(module, q, k, v, additive, scaling=0.3, softcap=softcap)
+    want_weights([module], True)
+    output, weights = sdpa_with_weights(module, q, k, v, mask, scaling=0.3, softcap=softcap)
+    torch.testing.assert_close(weights, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(output, expected_output, rtol=0, atol=1e-5)
+    again = sdpa_with_weights(module, q, k, v, mask, scaling=0.3, softcap=softcap)[1]
+    assert again.data_ptr() == weights.data_ptr()  # the same buffer, overwritten
+    want_weights([module], False)
+    output, weights = sdpa_with_weights(module, q, k, v, mask, scaling=0.3, softcap=softcap)
+    assert weights is None
+    torch.testing.assert_close(output, expected_output, rtol=0, atol=1e-5)
+
+
+def test_recorder_with_weights_attention_records_what_it_records_with_eager(tiny_gemma):
+    eager, tokenizer = load(tiny_gemma)
+    fast, _ = load(tiny_gemma, attention=NAME)
+    ids, mask = padded_batch(tokenizer, [len(tokenizer(TEXT)["input_ids"]), 12])
+    arrays = []
+    for model in (eager, fast):
+        recorder = ContributionRecorder(model, "norm")
+        with recorder, torch.no_grad():
+            recorder.start()
+            model(input_ids=ids, attention_mask=mask)
+            recorder.stop()
+            arrays.append([recorder.prompt_arrays(i, n, FlowSettings("all")) for i, n in enumerate([ids.shape[1], 12])])
+    for expected, got in zip(*arrays):
+        for name in expected:
+            np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    assert all(getattr(block.self_attn, WANTS) is None for block in fast.model.layers)  # off after recording
 
 
 def test_norm_weighting_weights_heads_by_their_write_norm(tiny_model):

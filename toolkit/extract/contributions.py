@@ -16,6 +16,7 @@ import torch
 
 from ..errors import UserError
 from ..observables.flow import attention_flow, mix_heads, write_share
+from .attention import want_weights
 
 #: config.model_type → the family named in messages.
 SUPPORTED = {"llama": "Llama", "gemma3_text": "Gemma 3", "gemma3": "Gemma 3"}
@@ -63,10 +64,10 @@ def contribution_values(config, flow: FlowSettings, n_tokens) -> int:
     return int((n_tokens * per_token).sum() + (targets * per_target * n_tokens).sum())
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine along the last dim, 0 where either vector is 0."""
-    denominator = a.norm(dim=-1) * b.norm(dim=-1)
-    return torch.where(denominator > 0, (a * b).sum(-1) / torch.where(denominator > 0, denominator, 1), 0)
+def _cosine(dot: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor) -> torch.Tensor:
+    """Cosine from a dot product and the two norms (computed once, not per pair), 0 where either vector is 0."""
+    denominator = norm_a * norm_b
+    return torch.where(denominator > 0, dot / torch.where(denominator > 0, denominator, 1), 0)
 
 
 class ContributionRecorder:
@@ -76,11 +77,14 @@ class ContributionRecorder:
     with the stream entering the block; resid_norm, attn_norm, mlp_norm (batch, token) and the shares
     attn_share = ‖attn‖ / (‖attn‖ + ‖stream in‖), mlp_share = ‖mlp‖ / (‖mlp‖ + ‖stream in + attn‖); and the
     head-mixed attention (batch, token, token) (`mix_heads`: mean, or weighted by the heads' write norms).
-    The model must run with eager attention (the weights are read from its attention modules).
+    The weights are read from the attention modules' output: the model must run with
+    `~toolkit.extract.attention.use_weights_attention` (SDPA plus the weights, only while recording; each block's
+    weights are overwritten by the next block's, so they are mixed within the block) or eager.
     """
 
     def __init__(self, model, weighting: str = "mean"):
         self.blocks = list(model.base_model.layers)
+        self._attentions = [block.self_attn for block in self.blocks]
         self.gemma = hasattr(self.blocks[0], "post_feedforward_layernorm")
         self.weighting = weighting
         self.records, self._handles, self._pending = [], [], {}
@@ -99,6 +103,7 @@ class ContributionRecorder:
         return self
 
     def __exit__(self, *exc):
+        want_weights(self._attentions, False)
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -107,10 +112,12 @@ class ContributionRecorder:
         """Record the next forward pass (forgetting the previous one's records)."""
         self.records = [dict() for _ in self.blocks]
         self.recording = True
+        want_weights(self._attentions, True)
 
     def stop(self):
         """Record nothing more (e.g. in the gradient passes) until `start`."""
         self.recording = False
+        want_weights(self._attentions, False)
 
     def _hook(self, module, fn, pre=False):
         def when_recording(*args):
@@ -137,7 +144,8 @@ class ContributionRecorder:
         def hook(module, args, kwargs, output):
             attn_out, weights = output
             if weights is None:
-                raise RuntimeError("attention weights are not returned: the model must run with eager attention")
+                raise RuntimeError("attention weights are not returned: run the model with use_weights_attention "
+                                   "(toolkit.extract.attention) or eager attention")
             self._pending[b]["weights"] = weights
             if not self.gemma:
                 self._finish_attention(b, attn_out)
@@ -154,10 +162,12 @@ class ContributionRecorder:
     def _finish_attention(self, b, attn_write):
         pending, record = self._pending[b], self.records[b]
         stream, heads = pending["stream"], pending.pop("heads")
-        head_norm = heads.norm(dim=-1).transpose(1, 2)  # (batch, head, token)
+        head_norm, stream_norm = heads.norm(dim=-1), stream.norm(dim=-1)  # (batch, token, head), (batch, token)
+        dot = torch.matmul(heads, stream[..., None])[..., 0]  # each head's write · the stream: (batch, token, head)
+        head_norm = head_norm.transpose(1, 2)  # (batch, head, token)
         record["head_norm"] = head_norm.float().cpu().numpy()
-        record["head_cosine"] = _cosine(heads, stream[:, :, None, :]).transpose(1, 2).float().cpu().numpy()
-        record["resid_norm"] = stream.norm(dim=-1).float().cpu().numpy()
+        record["head_cosine"] = _cosine(dot.transpose(1, 2), head_norm, stream_norm[:, None]).float().cpu().numpy()
+        record["resid_norm"] = stream_norm.float().cpu().numpy()
         record["attn_norm"] = attn_write.norm(dim=-1).float().cpu().numpy()
         pending["after_attention"] = stream + attn_write
         weights = pending.pop("weights").float()  # (batch, head, query, key)

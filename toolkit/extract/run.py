@@ -228,10 +228,11 @@ def _run(s: ExtractSettings, ranks, stop: _StopFlag) -> int:
         model = load_model(ref, compute_dtype).to(device)
     model.requires_grad_(False)  # inference: no weight gradients, even in --flow-gradients' backward passes
     if flow:
+        from .attention import use_weights_attention
         from .contributions import ContributionRecorder, check_supported, contribution_values, gradient_norms
 
         check_supported(model.config, ref.name)
-        model.set_attn_implementation("eager")  # the attention weights are read from the attention modules
+        use_weights_attention(model)  # SDPA, and the attention weights from the modules while the recorder records
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and int(plan.n_tokens.max()) > limit:
         raise UserError(f"the longest prompt has {int(plan.n_tokens.max())} tokens but {ref.name} takes at most "
