@@ -249,6 +249,7 @@ def test_flow_by_hand_on_three_tokens():
     np.testing.assert_allclose(write_share([3, 0], [1, 0]), [0.75, 0])
 
 
+@pytest.mark.slow  # ~30 s of finite differences: in the full suite, not the quick subset
 def test_gradient_norms_equal_finite_differences(tiny_model):
     model, tokenizer = load(tiny_model, torch.float64)
     ids = np.asarray(tokenizer(TEXT)["input_ids"][:12])
