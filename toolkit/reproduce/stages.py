@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 
 from ..errors import UserError
@@ -29,10 +28,6 @@ class Stage:
     resume: bool = True
 
 
-def _log(line: str):
-    print(f"[reproduce] {line}", file=sys.stderr, flush=True)
-
-
 def is_complete(path: str) -> bool:
     """Whether the stage output at ``path`` is complete: a store whose every prompt (and group) is done, or an SAE
     directory (``repgeo sae train`` moves it into place only when it is whole). Reads metadata only: no model, no
@@ -54,11 +49,6 @@ def is_complete(path: str) -> bool:
     return not (isinstance(parameters, dict) and parameters.get("groupby")) or bool(group.attrs.get("groups_done"))
 
 
-def pending(stages: list, phase: str | None = None) -> list:
-    """The stages (of ``phase``, or all) whose output is not complete yet."""
-    return [s for s in stages if (phase is None or s.phase == phase) and not is_complete(s.out)]
-
-
 def run_stage(stage: Stage, scheduler: str | None = None, workers: int | None = None) -> None:
     """Run one stage in this process (the repgeo command itself); :class:`UserError` when it fails.
 
@@ -75,16 +65,3 @@ def run_stage(stage: Stage, scheduler: str | None = None, workers: int | None = 
                           f"above); fix that and rerun the same repgeo reproduce command: finished stages are kept")
         error.exit_code = rc
         raise error
-
-
-def run_stages(stages: list, scheduler: str | None, workers: int | None = None) -> list:
-    """Run each stage that is not complete, in order; return the names of those that ran."""
-    ran = []
-    for i, stage in enumerate(stages, 1):
-        if is_complete(stage.out):
-            _log(f"stage {i}/{len(stages)} {stage.name}: complete, skipped")
-            continue
-        _log(f"stage {i}/{len(stages)} {stage.name}: running repgeo {' '.join(stage.argv)}")
-        run_stage(stage, scheduler, workers)
-        ran.append(stage.name)
-    return ran
