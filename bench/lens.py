@@ -1,8 +1,8 @@
 """Benchmark: `repgeo lens` readings per second against the in-memory way, memory per worker, and where the time goes.
 
-    cd /work/main && .venv/bin/python bench/lens.py      # the defaults below; ~8 min on the 2-core dev machine
+    cd /work/main && .venv/bin/python bench/lens.py      # the defaults below; 13-23 min on the 2-core dev machine
     .venv/bin/python bench/lens.py [--models tiny-262k,smollm2-135m] [--prompts 2] [--tokens 256] [--top-k 5]
-                                   [--workers 2] [--block-entries N,...] [--profile-only]
+                                   [--workers 2] [--repeats 3] [--block-entries N,...] [--profile-only]
                                    # --models may also name gemma3-270m (real, 262,144 rows)
 
 Offline (HF_HUB_OFFLINE=1 is set). A reading is one (prompt, layer, token) of the store, whatever the number of
@@ -23,9 +23,13 @@ rows, tied); both from the tests' cache (``.cache/tests``, built on first use). 
    input-embedding row and their top-k. Seconds, CPU seconds and page faults of that loop (reading included); peak
    RSS of the process and its RSS once the model is loaded. It computes less than repgeo (no entropy, KL,
    next-token rank): the ratio is repgeo's whole job against the anchors' top-k only.
-4. **Profile** of one prompt's `lens_task` (both decoders, one thread): its steps timed one by one with the same
-   functions on the same token blocks, next to the task itself (warm: lens weights already loaded); wall and CPU
-   seconds, and minor page faults (a fresh page of a new allocation) of this thread.
+   Steps 2 and 3 run ``--repeats`` times each, in turns (which goes first alternates), as the machine may be busy
+   with other work: each table row gives the medians, and the ratio's median and range over the pairs. Tokens
+   per second per core: readings per second / layers / W.
+4. **Profile** of one prompt's `lens_task` (both decoders, one thread, in a thread of its own as on a Dask worker):
+   its steps timed one by one with the same functions on the same token blocks, next to the task itself (warm: lens
+   weights already loaded); wall and CPU seconds, and minor page faults (a fresh page of a new allocation) of this
+   thread; and the task's torch operators by self CPU time (torch.profiler).
 """
 
 from __future__ import annotations
@@ -33,9 +37,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 
@@ -166,15 +172,33 @@ def in_memory_run(store: str, decoders: str, threads: int, top_k: int):
 
 def profile_task(store: str, top_k: int, directory: str, block_entries: int | None = None):
     """In a fresh process with one thread: the steps of one `lens_task` (prompt 0, both decoders) timed one by one;
-    prints a JSON line: step → [wall s, CPU s (user + system), minor page faults], and the same of the task itself.
+    prints a JSON line: step → [wall s, CPU s, minor page faults], the same of the task itself, and the task's
+    torch operators (self CPU s of each, from torch.profiler).
 
     block_entries: entries of one (token, vocab) block matrix, instead of the toolkit's BLOCK_ENTRIES (the task
     reads that constant when it runs).
     """
+    import torch
+
+    from toolkit.lens import tasks
+
+    torch.set_num_threads(1)  # torch then computes in this thread: the thread's CPU clock sees all of it
+    tasks.BLOCK_ENTRIES = block_entries or tasks.BLOCK_ENTRIES
+    report = []
+    # As on a Dask worker, the task runs in a thread other than the main one (glibc serves it from another arena).
+    thread = threading.Thread(target=lambda: report.append(_profile_steps(store, top_k, directory)))
+    thread.start()
+    thread.join()
+    print(json.dumps(report[0]))
+
+
+def _profile_steps(store: str, top_k: int, directory: str) -> dict:
+    """`profile_task` in the calling thread: its JSON record."""
     import resource
 
     import torch
     import zarr
+    from torch.profiler import ProfilerActivity, profile
 
     from toolkit.lens import tasks
     from toolkit.lens.tasks import block_tokens, lens_task
@@ -182,8 +206,6 @@ def profile_task(store: str, top_k: int, directory: str, block_entries: int | No
     from toolkit.models import load_model, model_of_store
     from toolkit.observables import lens as lm
 
-    torch.set_num_threads(1)  # torch then computes in this thread: RUSAGE_THREAD sees all of it
-    tasks.BLOCK_ENTRIES = block_entries or tasks.BLOCK_ENTRIES
     params = _params(store, "output,input", top_k)
     source = zarr.open_group(store, mode="r")
     weights = os.path.join(directory, "weights.safetensors")
@@ -191,10 +213,10 @@ def profile_task(store: str, top_k: int, directory: str, block_entries: int | No
     spent = defaultdict(lambda: np.zeros(3))
 
     def timed(step, function, *args):
-        t, before = time.perf_counter(), cpu_use(resource.RUSAGE_THREAD)
+        t, cpu, faults = time.perf_counter(), time.thread_time(), resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
         value = function(*args)
-        cost = used(before, cpu_use(resource.RUSAGE_THREAD))
-        spent[step] += (time.perf_counter() - t, cost["user"] + cost["sys"], cost["faults"])
+        spent[step] += (time.perf_counter() - t, time.thread_time() - cpu,
+                        resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - faults)
         return value
 
     # The first task loads the lens weights (once per worker); the second is the steady state. The task's
@@ -202,6 +224,9 @@ def profile_task(store: str, top_k: int, directory: str, block_entries: int | No
     lens_task(store, 0, weights, "profile", params, "cpu")
     timed("the whole lens_task", lens_task, store, 0, weights, "profile", params, "cpu")
     task = spent.pop("the whole lens_task")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        lens_task(store, 0, weights, "profile", params, "cpu")
+    operators = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages() if e.self_cpu_time_total > 0}
     parts = load_lens_weights(weights, "profile", "cpu")
     n = int(source["n_tokens"][0])
     final = len(params.layers) - 1
@@ -210,28 +235,43 @@ def profile_task(store: str, top_k: int, directory: str, block_entries: int | No
                                                      for layer in params.layers])
     ids = source["input_ids"][0, :n].astype(np.int64)
     next_ids = np.append(ids[1:], -1)
-    step = block_tokens(parts.unembedding.shape[0])
+    vocab = parts.unembedding.shape[0]
+    step = max(1, min(n, block_tokens(vocab)))
+    layers = list(params.layers)
+    output_rows = [final] + [layer for layer in layers if layer != final]
+    per_product = max(1, min(len(output_rows), tasks.PRODUCT_ENTRIES // (step * vocab)))
+    # The task's matrices and order: per block, the output decoder's products a group of layers at a time (the
+    # final layer first, its logits and probabilities kept for the block), then the input decoder's.
+    products = torch.empty((per_product * step, vocab))
+    final_logits, final_probs, layer_probs = (torch.empty((step, vocab)) for _ in range(3))
+    reading = "output: read_output (top-k, rank, softmax, entropy, next token)"
     with torch.inference_mode():
         for start in range(0, n, step):
             at = slice(start, min(n, start + step))
-            final_logp = None
-            for layer in reversed(params.layers):  # the final layer first: the others' KL needs it
-                X = torch.from_numpy(slabs[layer][at])
-                normed = X if layer == final else timed("final norm", parts.norm, X)
-                logits = timed("output: matmul h @ Wᵀ", lambda: normed @ parts.unembedding.T)
-                logp = timed("output: log_softmax", torch.log_softmax, logits, -1)
-                if final_logp is None:
-                    final_logp = logp
-                _, top_scores = timed("output: topk", lm.top_k, logp, top_k)
-                timed("output: topk", np.exp, top_scores)
-                timed("output: entropy", lm.entropy_bits, logp)
-                timed("output: KL to the final layer", lm.kl_divergence, final_logp, logp)
-                timed("output: next-token log-prob and rank", lm.next_token_scores, logp, next_ids[at])
-                cosines = timed("input: cosines (unit rows, matmul)", lm.input_cosines, X, parts.unit_embedding)
-                timed("input: topk", lm.top_k, cosines, top_k)
-                del logits, logp, cosines
-    print(json.dumps({"task": task.tolist(), "steps": {k: v.tolist() for k, v in spent.items()}, "tokens": n,
-                      "layers": len(params.layers), "block": step, "block_entries": tasks.BLOCK_ENTRIES}))
+            rows = at.stop - at.start
+            X = {layer: torch.from_numpy(slabs[layer][at]) for layer in layers}
+            for members in tasks.product_groups(output_rows, per_product):
+                normed = timed("final norm", lambda: torch.cat([X[layer] if layer == final else parts.norm(X[layer])
+                                                                for layer in members]))
+                block = timed("output: products h @ Wᵀ", lm.output_logits, normed, parts.unembedding,
+                              parts.softcap, products[:len(members) * rows])
+                for j, layer in enumerate(members):
+                    if layer == final:
+                        final_read = timed(reading, lambda: lm.read_output(
+                            final_logits[:rows].copy_(block[:rows]), top_k, next_ids[at], final_probs[:rows]))
+                        read = final_read
+                    else:
+                        read = timed(reading, lm.read_output, block[j * rows:(j + 1) * rows], top_k, next_ids[at],
+                                     layer_probs[:rows])
+                    timed("output: KL to the final layer", lm.kl_divergence, final_read[1], read[1])
+            for members in tasks.product_groups(layers, per_product):
+                cosines = timed("input: cosines (unit rows, products)", lm.input_cosines,
+                                torch.cat([X[layer] for layer in members]), parts.unit_embedding,
+                                products[:len(members) * rows])
+                timed("input: top-k", lm.top_k, cosines, top_k)
+    return {"task": task.tolist(), "steps": {k: v.tolist() for k, v in spent.items()}, "tokens": n,
+            "layers": len(params.layers), "block": step, "block_entries": tasks.BLOCK_ENTRIES,
+            "per_product": per_product, "operators": operators}
 
 
 def _in_fresh_process(code: str, env: dict | None = None) -> dict:
@@ -262,28 +302,51 @@ def bench_model(name: str, args, tmp: str):
 
 
 def throughput(store: str, name: str, args, tmp: str):
-    """Steps 2 and 3 (module docstring): repgeo against the in-memory way, one table row per decoders and W."""
-    print("| decoders | W | repgeo readings/s (span s; whole call s) | in-memory readings/s (s) | repgeo / in-memory "
-          "| CPU µs per reading: repgeo (system) / in-memory (system) | page faults per reading: repgeo / in-memory "
-          "| peak RSS MiB: each worker / in-memory (after loading the model) |")
-    print("|---|---|---|---|---|---|---|---|")
+    """Steps 2 and 3 (module docstring): repgeo against the in-memory way, one table row per decoders and W.
+
+    Each pair of runs is repeated ``--repeats`` times, repgeo and the in-memory way one after the other (which
+    goes first alternates), so that both meet alike whatever else the machine runs; the row gives the medians, and
+    the ratio's median and range over the pairs.
+    """
+    print("| decoders | W | repgeo readings/s (span s; whole call s) | in-memory readings/s (s) | repgeo / in-memory: "
+          "median (range) | tokens/s per core: repgeo / in-memory | CPU µs per reading: repgeo (system) / "
+          "in-memory (system) | page faults per reading: repgeo / in-memory | peak RSS MiB: each worker / "
+          "in-memory (after loading the model) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    import zarr
+
+    layers = zarr.open_group(store, mode="r")["hidden"].shape[1]
     for decoders in ("output", "output,input"):
         for workers in sorted({args.workers, 1}, reverse=True):
-            out = os.path.join(tmp, f"{name}-{decoders}-{workers}.zarr")
-            r = _in_fresh_process(f"from lens import repgeo_run; repgeo_run({store!r}, {out!r}, {decoders!r}, "
-                                  f"{workers}, {args.top_k})")
-            m = _in_fresh_process(f"from lens import in_memory_run; in_memory_run({store!r}, {decoders!r}, "
-                                  f"{workers}, {args.top_k})", env={"OMP_NUM_THREADS": str(workers)})
+            pairs = []
+            for repeat in range(args.repeats):
+                out = os.path.join(tmp, f"{name}-{decoders}-{workers}-{repeat}.zarr")
+                runs = {"repgeo": f"from lens import repgeo_run; repgeo_run({store!r}, {out!r}, {decoders!r}, "
+                                  f"{workers}, {args.top_k})",
+                        "in-memory": f"from lens import in_memory_run; in_memory_run({store!r}, {decoders!r}, "
+                                     f"{workers}, {args.top_k})"}
+                order = list(runs) if repeat % 2 == 0 else list(runs)[::-1]
+                done = {way: _in_fresh_process(runs[way], env={"OMP_NUM_THREADS": str(workers)}
+                                               if way == "in-memory" else None) for way in order}
+                shutil.rmtree(out, ignore_errors=True)
+                pairs.append((done["repgeo"], done["in-memory"]))
+            ratios = [r["readings"] / r["span_s"] / (m["readings"] / m["seconds"]) for r, m in pairs]
+            r = {key: float(np.median([pair[0][key] for pair in pairs])) for key in
+                 ("span_s", "wall_s", "cpu_s", "sys_s", "faults", "readings")}
+            m = {key: float(np.median([pair[1][key] for pair in pairs])) for key in
+                 ("seconds", "cpu_s", "sys_s", "faults", "readings", "peak", "loaded")}
+            peaks = [max(pair[0]["worker_peak"][w] for pair in pairs) for w in range(workers)]
             ours, theirs = r["readings"] / r["span_s"], m["readings"] / m["seconds"]
             per = {way: {key: x[key] / x["readings"] * 1e6 for key in ("cpu_s", "sys_s")} for way, x in
                    (("repgeo", r), ("in-memory", m))}
             print(f"| {decoders} | {workers} | {ours:.0f} ({r['span_s']:.1f}; {r['wall_s']:.1f}) | "
-                  f"{theirs:.0f} ({m['seconds']:.1f}) | {ours / theirs:.2f} | "
+                  f"{theirs:.0f} ({m['seconds']:.1f}) | "
+                  f"{np.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f}) | "
+                  f"{ours / layers / workers:.0f} / {theirs / layers / workers:.0f} | "
                   f"{per['repgeo']['cpu_s']:.0f} ({per['repgeo']['sys_s']:.0f}) / "
                   f"{per['in-memory']['cpu_s']:.0f} ({per['in-memory']['sys_s']:.0f}) | "
                   f"{r['faults'] / r['readings']:.0f} / {m['faults'] / m['readings']:.0f} | "
-                  f"{', '.join(mib(b) for b in r['worker_peak'])} / {mib(m['peak'])} ({mib(m['loaded'])}) |",
-                  flush=True)
+                  f"{', '.join(mib(b) for b in peaks)} / {mib(m['peak'])} ({mib(m['loaded'])}) |", flush=True)
 
 
 def profile(store: str, args, tmp: str, block_entries: int | None):
@@ -294,14 +357,19 @@ def profile(store: str, args, tmp: str, block_entries: int | None):
     readings = p["tokens"] * p["layers"]
     total = np.sum(list(p["steps"].values()), axis=0)
     print(f"profile, one lens_task (prompt 0: {p['tokens']} tokens x {p['layers']} layers, blocks of {p['block']} "
-          f"tokens (BLOCK_ENTRIES {p['block_entries']:,}), both decoders, 1 thread): the task "
+          f"tokens (BLOCK_ENTRIES {p['block_entries']:,}), {p['per_product']} layers per product, both decoders, "
+          f"1 thread): the task "
           f"{p['task'][0]:.2f} s wall, {p['task'][1]:.2f} s CPU, "
           f"{p['task'][2] / readings:.0f} page faults per reading; its steps one by one {total[0]:.2f} s wall, "
           f"{total[1]:.2f} s CPU")
-    print(f"  {'step':40s} {'wall s':>7s} {'CPU s':>7s} {'share':>6s} {'µs/reading':>10s} {'faults/reading':>14s}")
+    print(f"  {'step':66s} {'wall s':>7s} {'CPU s':>7s} {'share':>6s} {'µs/reading':>10s} {'faults/reading':>14s}")
     for step, (wall, cpu, faults) in sorted(p["steps"].items(), key=lambda item: -item[1][1]):
-        print(f"  {step:40s} {wall:7.3f} {cpu:7.3f} {cpu / total[1]:6.1%} {cpu / readings * 1e6:10.1f} "
+        print(f"  {step:66s} {wall:7.3f} {cpu:7.3f} {cpu / total[1]:6.1%} {cpu / readings * 1e6:10.1f} "
               f"{faults / readings:14.0f}")
+    ops = sorted(p["operators"].items(), key=lambda item: -item[1])
+    whole = sum(p["operators"].values())
+    print(f"  torch operators of the task (self CPU, torch.profiler; {whole:.2f} s in all): " + ", ".join(
+        f"{name.removeprefix('aten::')} {seconds / whole:.0%}" for name, seconds in ops[:10]))
 
 
 def main():
@@ -311,6 +379,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--repeats", type=int, default=3, help="pairs of runs (repgeo, in-memory) per table row")
     parser.add_argument("--block-entries", type=lambda text: [int(x) for x in text.split(",")],
                         help="profile with these entries per (token, vocab) block instead of the toolkit's "
                              "BLOCK_ENTRIES, e.g. 16777216,8323072")

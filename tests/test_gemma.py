@@ -1,5 +1,5 @@
 """The second real model, alias ``gemma3-270m``: its GGUF assembled into the user cache from chunk packages, and
-``repgeo extract`` on Gemma 3 270M against a direct transformers forward."""
+``repgeo extract`` and ``repgeo lens`` on Gemma 3 270M against a direct transformers computation."""
 
 from __future__ import annotations
 
@@ -177,3 +177,67 @@ def test_extract_equals_a_direct_forward(gemma_store, gemma3_hf):
         assert np.isnan(token_loss[p, 0])
         np.testing.assert_allclose(token_loss[p, 1:n], ref_loss, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(loss[p], out.loss.item(), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_lens_equals_a_float64_computation_with_gemmas_own_modules(gemma_store, gemma3_hf, tmp_path, run_repgeo):
+    """``repgeo lens`` on Gemma 3 (262,144 rows, final norm scaling by 1 + weight) against its modules in float64."""
+    import torch
+    import xarray as xr
+    from transformers import AutoModelForCausalLM
+
+    from toolkit.lens.weights import native_norm_formula
+
+    path, _ = gemma_store
+    out = tmp_path / "lens.zarr"
+    layers = [0, 9, 17, 18]
+    code, _, err = run_repgeo("lens", "--store", path, "--out", out, "--layers", ",".join(map(str, layers)),
+                              "--top-k", 3, "--workers", 2, timeout=600)
+    assert code == 0, err
+    ds = xr.open_zarr(out)
+    assert ds.layer.values.tolist() == layers and ds.sizes["vocab_id"] == 262_144
+    model = AutoModelForCausalLM.from_pretrained(gemma3_hf, dtype=torch.float64).eval()
+    # The workers compute Gemma's norm themselves (no transformers import): that formula must be Gemma's.
+    assert native_norm_formula(model.model.norm.float(), model.model.norm.eps) == "rms_offset"
+    model.model.norm.double()
+    softcap = model.config.final_logit_softcapping
+    embedding = model.get_input_embeddings().weight
+    unit = embedding / embedding.norm(dim=-1, keepdim=True)
+    group = open_activation_group(path)
+    # Two short prompts whole, and the long one's tokens past the 512-token sliding window.
+    for p, tokens in ((0, slice(500, 544)), (2, slice(0, 33)), (3, slice(0, 13))):
+        n = int(group["n_tokens"][p])
+        ids = group["input_ids"][p, :n]
+        nxt = np.append(ids[1:], -1)[tokens]
+        final_logp = None
+        for i, layer in reversed(list(enumerate(layers))):
+            with torch.no_grad():
+                h = torch.from_numpy(group["hidden"][p, layer, tokens].astype(np.float64))
+                logits = model.lm_head(h if layer == 18 else model.model.norm(h))
+                if softcap:
+                    logits = torch.tanh(logits / softcap) * softcap
+                logp = torch.log_softmax(logits, dim=-1).numpy()
+                cos = ((h / h.norm(dim=-1, keepdim=True)) @ unit.T).numpy()
+            final_logp = logp if final_logp is None else final_logp
+            for d, (scores, tol) in enumerate(((logp, 1e-4), (cos, 1e-6))):
+                top_ids = ds.lens_top_ids.values[d, p, i, tokens]
+                best = -np.sort(-np.partition(scores, -3, axis=-1)[..., -3:], axis=-1)
+                np.testing.assert_allclose(np.take_along_axis(scores, top_ids, -1), best, atol=tol)
+            np.testing.assert_allclose(ds.lens_top_scores.values[0, p, i, tokens],
+                                       np.exp(np.take_along_axis(logp, ds.lens_top_ids.values[0, p, i, tokens], -1)),
+                                       rtol=1e-3, atol=1e-6)
+            np.testing.assert_allclose(ds.lens_top_scores.values[1, p, i, tokens],
+                                       np.take_along_axis(cos, ds.lens_top_ids.values[1, p, i, tokens], -1), atol=2e-5)
+            np.testing.assert_allclose(ds.lens_entropy.values[p, i, tokens],
+                                       -(np.exp(logp) * logp).sum(-1) / np.log(2), rtol=1e-3, atol=1e-4)
+            kl = (np.exp(final_logp) * (final_logp - logp)).sum(-1)
+            np.testing.assert_allclose(ds.lens_kl_final.values[p, i, tokens], kl, rtol=1e-3, atol=1e-4)
+            have = nxt >= 0
+            picked = logp[np.arange(len(nxt)), np.maximum(nxt, 0)]
+            np.testing.assert_allclose(ds.lens_next_logprob.values[p, i, tokens][have], picked[have], rtol=1e-4,
+                                       atol=1e-3)
+            ranks = ds.lens_next_rank.values[p, i, tokens]
+            lowest = (logp > picked[:, None] + 1e-4).sum(-1)
+            highest = (logp > picked[:, None] - 1e-4).sum(-1)
+            assert ((lowest <= ranks) & (ranks <= highest))[have].all() and (ranks[~have] == -1).all()
+        assert (ds.lens_kl_final.values[p, -1, tokens] == 0).all()

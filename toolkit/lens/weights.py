@@ -1,7 +1,9 @@
 """The three parts of a model that the lens needs: final norm, unembedding and input embedding.
 
 The client loads the model once, checks it against the store's record, and writes these parts (float32) to one
-safetensors file next to the results; every worker reads that file, never the whole model.
+safetensors file next to the results; every worker reads that file, never the whole model. A final norm whose
+output one of `NORM_FORMULAS` reproduces bit for bit (Llama's and Gemma's RMS norms, checked on the client) is
+computed by that formula on the workers, which then never import transformers (2 s of CPU per worker).
 """
 
 from __future__ import annotations
@@ -16,12 +18,51 @@ from ..errors import UserError
 #: Only norm classes of transformers' own model implementations are rebuilt from the file's record.
 NORM_MODULES = "transformers.models."
 
+#: Final norms the workers compute without the model's class: name → how the weight scales the RMS-normalized x.
+NORM_FORMULAS = ("rms", "rms_offset")
+
+
+class RMSNorm:
+    """x · rsqrt(mean(x²) + eps), times the weight ("rms": Llama, Qwen, Mistral, …) or times 1 + the weight
+    ("rms_offset": Gemma), in float32: the operations of transformers' RMS norm classes, in their order."""
+
+    def __init__(self, weight, eps: float, formula: str):
+        self.scale, self.eps = (weight if formula == "rms" else 1.0 + weight), eps
+
+    def __call__(self, x):
+        import torch
+
+        return self.scale * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+    def to(self, device: str) -> "RMSNorm":
+        self.scale = self.scale.to(device)
+        return self
+
+
+def native_norm_formula(norm, eps: float):
+    """The name of the `NORM_FORMULAS` entry whose output equals ``norm``'s bit for bit in float32 (on random
+    inputs of a few scales), or None."""
+    import copy
+
+    import torch
+
+    module = copy.deepcopy(norm).float().eval()
+    weight = module.weight.detach()
+    x = torch.randn(64, weight.shape[0], generator=torch.Generator().manual_seed(0))
+    x *= torch.logspace(-2, 2, 64)[:, None]
+    with torch.no_grad():
+        expected = module(x)
+        for formula in NORM_FORMULAS:
+            if torch.equal(RMSNorm(weight, eps, formula)(x), expected):
+                return formula
+    return None
+
 
 def write_lens_weights(model, path: str) -> dict:
     """Save ``model``'s final norm, unembedding and input embedding to ``path`` (safetensors, float32).
 
-    Returns the record stored with them: norm class and epsilon, logit soft cap, whether the embeddings are tied,
-    vocabulary size and d_model.
+    Returns the record stored with them: norm class, epsilon and formula (`native_norm_formula`), logit soft cap,
+    whether the embeddings are tied, vocabulary size and d_model.
     """
     import torch
     from safetensors.torch import save_file
@@ -39,6 +80,7 @@ def write_lens_weights(model, path: str) -> dict:
     tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in tensors.items()}
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     record = {"norm_class": f"{type(norm).__module__}.{type(norm).__qualname__}", "norm_eps": float(eps),
+              "norm_formula": native_norm_formula(norm, float(eps)),
               "softcap": getattr(model.config, "final_logit_softcapping", None), "tied": bool(tied),
               "vocab": int(unembedding.weight.shape[0]), "d_model": int(unembedding.weight.shape[1])}
     save_file(tensors, path, metadata={"repgeo": json.dumps(record)})
@@ -47,13 +89,26 @@ def write_lens_weights(model, path: str) -> dict:
 
 @dataclass
 class LensParts:
-    """On a worker: ``norm`` (a torch module), ``unembedding`` (vocab, dim), ``unit_embedding`` (vocab, dim) rows of
-    unit norm, ``softcap`` (float or None)."""
+    """On a worker: ``norm`` (an `RMSNorm` or the model's own norm module), ``unembedding`` (vocab, dim),
+    ``softcap`` (float or None), and ``unit_embedding`` (vocab, dim), the input embedding's rows of unit norm, read
+    from ``path`` (file of `write_lens_weights`) and computed the first time a task asks for them: a run of the
+    output decoder alone never holds them."""
 
     norm: object
     unembedding: object
-    unit_embedding: object
     softcap: float | None
+    path: str
+    device: str
+
+    @functools.cached_property
+    def unit_embedding(self):
+        from safetensors import safe_open
+
+        from ..observables.lens import unit_rows
+
+        with safe_open(self.path, framework="pt") as f:
+            embedding = f.get_tensor("embedding").to(self.device) if "embedding" in f.keys() else self.unembedding
+        return unit_rows(embedding)
 
 
 @functools.lru_cache(maxsize=1)
@@ -63,17 +118,18 @@ def load_lens_weights(path: str, token: str, device: str = "cpu") -> LensParts:
     import torch
     from safetensors import safe_open
 
-    from ..observables.lens import unit_rows
-
     with safe_open(path, framework="pt") as f:
         record = json.loads(f.metadata()["repgeo"])
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
-    module_name, _, class_name = record["norm_class"].rpartition(".")
-    if not module_name.startswith(NORM_MODULES):
-        raise UserError(f"{path} names norm class {record['norm_class']}, which is not one of transformers' models")
-    norm = getattr(importlib.import_module(module_name), class_name)(record["d_model"], eps=record["norm_eps"])
-    with torch.no_grad():
-        norm.weight.copy_(tensors["norm"])  # before the tensors move: the module is built on the CPU
-    tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
-    embedding = tensors.get("embedding", tensors["unembedding"])
-    return LensParts(norm.to(device).eval(), tensors["unembedding"], unit_rows(embedding), record["softcap"])
+        norm_weight, unembedding = f.get_tensor("norm"), f.get_tensor("unembedding")
+    if record.get("norm_formula") in NORM_FORMULAS:
+        norm = RMSNorm(norm_weight, record["norm_eps"], record["norm_formula"])
+    else:
+        module_name, _, class_name = record["norm_class"].rpartition(".")
+        if not module_name.startswith(NORM_MODULES):
+            raise UserError(f"{path} names norm class {record['norm_class']}, which is not one of transformers' "
+                            f"models")
+        norm = getattr(importlib.import_module(module_name), class_name)(record["d_model"], eps=record["norm_eps"])
+        with torch.no_grad():
+            norm.weight.copy_(norm_weight)  # before the tensors move: the module is built on the CPU
+        norm = norm.eval()
+    return LensParts(norm.to(device), unembedding.to(device), record["softcap"], path, device)
