@@ -1,6 +1,6 @@
 """Benchmark: `repgeo lens` readings per second against the in-memory way, memory per worker, and where the time goes.
 
-    cd /work/main && .venv/bin/python bench/lens.py      # the defaults below; 13-23 min on the 2-core dev machine
+    cd /work/main && .venv/bin/python bench/lens.py      # the defaults below; about 25 min on the 2-core dev machine
     .venv/bin/python bench/lens.py [--models tiny-262k,smollm2-135m] [--prompts 2] [--tokens 256] [--top-k 5]
                                    [--workers 2] [--repeats 3] [--block-entries N,...] [--profile-only]
                                    # --models may also name gemma3-270m (real, 262,144 rows)
