@@ -122,6 +122,8 @@ def test_subset_holds_the_sources_selected_slabs(store, subset, run_repgeo):
     assert record["source_prompts"].split(",")[0].split(":")[0] == str(kept[0])
     assert "flow" in record["dropped"] and attrs["prompts"]["n_stored"] == len(kept)
     assert attrs["model"] == attributes(store)["model"] and attrs["layers"] == [1, 3]
+    code, described, err = run_repgeo("info", out)
+    assert code == 0 and "layers     2 of the model's 5 (0 = embeddings … 4): 1, 3, dim" in described, described + err
 
 
 def test_a_layer_subset_without_its_layers_attribute_is_reported(subset, work, run_repgeo):

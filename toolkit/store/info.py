@@ -55,6 +55,13 @@ def _elsewhere(model: dict, prompts: dict) -> list:
     return lines
 
 
+def _held_layers(held: list, n_blocks: int) -> str:
+    """The layers line of a store holding layer numbers ``held`` of a model of ``n_blocks`` blocks."""
+    if held == list(range(n_blocks + 1)):
+        return f"{len(held)} (0 = embeddings … {n_blocks})"
+    return f"{len(held)} of the model's {n_blocks + 1} (0 = embeddings … {n_blocks}): {', '.join(map(str, held))}"
+
+
 def _activations_info(path: str, group) -> str:
     a = dict(group.attrs)
     model, prompts, settings = a["model"], a["prompts"], a["settings"]
@@ -69,7 +76,8 @@ def _activations_info(path: str, group) -> str:
         f"  prompts    {n_prompts} stored of {prompts['n_input']} inputs ({prompts['n_dropped_short']} dropped "
         f"as shorter than --min-tokens, {prompts['n_truncated']} truncated) from {prompts['path']}",
         f"  tokens     {int(n_tokens.sum())} in all, {int(n_tokens.min())}–{int(n_tokens.max())} per prompt",
-        f"  layers     {n_layers} (0 = embeddings … {n_layers - 1}), dim {d_model}, dtype {a['dtype']}",
+        f"  layers     {_held_layers(group['layer'][:].tolist(), model['n_layers'])}, dim {d_model}, "
+        f"dtype {a['dtype']}",
         "  settings   " + ", ".join(f"{k}={v}" for k, v in settings.items()),
     ]
     labels = [name for name, _ in group.arrays() if name not in LAYOUT]
