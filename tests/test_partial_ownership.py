@@ -130,6 +130,7 @@ def test_a_store_that_appears_while_the_job_runs_is_not_replaced(tmp_path):
     assert os.listdir(out) == ["theirs"] and not os.path.exists(partial.path)
 
 
+@pytest.mark.slow  # two extractions at once (11 s): in the full suite, to keep the quick subset under 10 minutes
 def test_concurrent_extractions_on_one_out_one_wins(tmp_path, tiny_model, make_tiny_texts, write_jsonl,
                                                    start_repgeo, same_store, run_repgeo):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"text": t} for t in make_tiny_texts(40, seed=5)])

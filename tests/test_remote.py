@@ -66,6 +66,7 @@ def test_info_and_deep_validation_over_http(served, run_repgeo):
     assert (code, out.strip()) == (0, f"{url}: valid"), out + err
 
 
+@pytest.mark.slow  # a Dask cluster reading over HTTP (15 s): in the full suite, to keep the quick subset under 10 minutes
 def test_summarize_over_http_equals_the_local_copy(served, tmp_path, run_repgeo):
     url, local = served
     results = {}

@@ -213,6 +213,7 @@ def test_withheld_texts_give_nan_and_one_note(tmp_path, tiny_model, prompts_file
     assert len(notes) == 1 and "withholds its texts" in notes[0] and "Traceback" not in err, err
 
 
+@pytest.mark.slow  # two summarize runs (16 s): in the full suite, to keep the quick subset under 10 minutes
 def test_missing_or_other_tokenizer_gives_nan_and_one_note(tmp_path, tiny_model, prompts_file, run_repgeo):
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
