@@ -26,8 +26,9 @@ LOG2 = math.log(2.0)
 TOP_K_CHUNK = 64
 
 #: Products h @ Wᵀ of fewer rows take other BLAS paths (matrix-vector) that round differently: padded to this many
-#: rows, a row's logits are the same bits whatever rows it is computed with (so a run over some layers gives the
-#: same readings as one over all of them).
+#: rows, a row's logits are the same bits whatever rows it is computed with, in one thread as lens workers compute
+#: (so a run over some layers gives the same readings as one over all of them; with more threads the split of the
+#: work differs with the row count).
 MIN_PRODUCT_ROWS = 4
 
 #: `row_dots` multiplies this many entries at a time (whole rows, at least one): 1 MiB, the products stay in cache.
