@@ -201,7 +201,7 @@ def _profile_steps(store: str, top_k: int, directory: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from toolkit.lens import tasks
-    from toolkit.lens.tasks import block_tokens, lens_task
+    from toolkit.lens.tasks import lens_task
     from toolkit.lens.weights import load_lens_weights, write_lens_weights
     from toolkit.models import load_model, model_of_store
     from toolkit.observables import lens as lm
@@ -236,10 +236,8 @@ def _profile_steps(store: str, top_k: int, directory: str) -> dict:
     ids = source["input_ids"][0, :n].astype(np.int64)
     next_ids = np.append(ids[1:], -1)
     vocab = parts.unembedding.shape[0]
-    step = max(1, min(n, block_tokens(vocab)))
     layers = list(params.layers)
-    output_rows = [final] + [layer for layer in layers if layer != final]
-    per_product = max(1, min(len(output_rows), tasks.PRODUCT_ENTRIES // (step * vocab)))
+    step, per_product, groups = tasks.product_plan(layers, final, n, vocab, output=True)
     # The task's matrices and order: per block, the output decoder's products a group of layers at a time (the
     # final layer first, its logits and probabilities kept for the block), then the input decoder's.
     products = torch.empty((per_product * step, vocab))
@@ -250,7 +248,7 @@ def _profile_steps(store: str, top_k: int, directory: str) -> dict:
             at = slice(start, min(n, start + step))
             rows = at.stop - at.start
             X = {layer: torch.from_numpy(slabs[layer][at]) for layer in layers}
-            for members in tasks.product_groups(output_rows, per_product):
+            for members in groups["output"]:
                 normed = timed("final norm", lambda: torch.cat([X[layer] if layer == final else parts.norm(X[layer])
                                                                 for layer in members]))
                 block = timed("output: products h @ Wᵀ", lm.output_logits, normed, parts.unembedding,
@@ -264,7 +262,7 @@ def _profile_steps(store: str, top_k: int, directory: str) -> dict:
                         read = timed(reading, lm.read_output, block[j * rows:(j + 1) * rows], top_k, next_ids[at],
                                      layer_probs[:rows])
                     timed("output: KL to the final layer", lm.kl_divergence, final_read[1], read[1])
-            for members in tasks.product_groups(layers, per_product):
+            for members in groups["input"]:
                 cosines = timed("input: cosines (unit rows, products)", lm.input_cosines,
                                 torch.cat([X[layer] for layer in members]), parts.unit_embedding,
                                 products[:len(members) * rows])

@@ -37,6 +37,17 @@ def product_groups(rows: list, size: int) -> list:
     return [rows[j * len(rows) // count:(j + 1) * len(rows) // count] for j in range(count)]
 
 
+def product_plan(layers: list, final: int, n_tokens: int, vocab: int, output: bool) -> tuple:
+    """How a task of ``n_tokens`` tokens reads ``layers`` (store layer numbers; ``final``, the last, holds the model's
+    own distribution): (tokens per block, layers per product, decoder → its groups of layers, one product each).
+    The output decoder's first group starts with the final layer: every layer's KL is against it."""
+    step = max(1, min(n_tokens, block_tokens(vocab)))
+    output_rows = [final] + [layer for layer in layers if layer != final] if output else []
+    per_product = max(1, min(max(len(output_rows), len(layers)), PRODUCT_ENTRIES // (step * vocab)))
+    return step, per_product, {"output": product_groups(output_rows, per_product),
+                               "input": product_groups(list(layers), per_product)}
+
+
 def lens_task(store: str, prompt: int, weights: str, token: str, params, device: str = "auto") -> tuple:
     """Readings of one prompt: (prompt, name → array without the prompt dim, over its n_tokens positions).
 
@@ -64,11 +75,7 @@ def lens_task(store: str, prompt: int, weights: str, token: str, params, device:
         position = {layer: i for i, layer in enumerate(params.layers)}
         output = "output" in params.decoders
         vocab = parts.unembedding.shape[0]
-        step = max(1, min(n, block_tokens(vocab)))
-        output_rows = [final] + [layer for layer in params.layers if layer != final] if output else []
-        per_product = max(1, min(max(len(output_rows), len(params.layers)), PRODUCT_ENTRIES // (step * vocab)))
-        groups = {"output": product_groups(output_rows, per_product),
-                  "input": product_groups(list(params.layers), per_product)}
+        step, per_product, groups = product_plan(list(params.layers), final, n, vocab, output)
         # Allocated once per task, not per block or layer: on a Dask worker's thread glibc would map each fresh
         # matrix anew and fault its pages in (a third more CPU). A group's products share one matrix; the final
         # layer's logits and probabilities are kept for the block, a layer's probabilities take another.

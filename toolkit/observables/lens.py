@@ -94,7 +94,7 @@ def top_k(scores: torch.Tensor, k: int) -> tuple:
     """The k largest entries of each row of (token, vocab) ``scores``: (ids (token, k) int32, values float32),
     largest first."""
     values, ids = top_k_tensors(scores, k)
-    return ids.cpu().numpy().astype(np.int32), values.cpu().numpy().astype(np.float32)
+    return ids.cpu().numpy().astype(np.int32), _rows(values)
 
 
 def _rows(x: torch.Tensor) -> np.ndarray:
